@@ -1,0 +1,3 @@
+from dist2.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The `dist2` command line. Every subcommand maps to one function; user mistakes exit 2 with one message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from dist2.errors import UserError
+
+log = logging.getLogger("dist2")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="experiment YAML file (see experiments/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+
+
+def _write_json(metrics: dict, path: Path | None) -> None:
+    # NaN (a COCO metric with no ground truth in its range) is written as null: JSON has no NaN.
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    print(json.dumps(clean, indent=1))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(clean, indent=1) + "\n")
+
+
+def cmd_train(args) -> int:
+    from dist2.config import load_config
+    from dist2.engine.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, resume=args.resume)
+    log.info("finished %s: mAP %.2f; weights in %s", cfg.name, metrics.get("mAP", float("nan")),
+             cfg.run_dir / "model.pth")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dist2.evaluation.files import evaluate_checkpoint, evaluate_files
+
+    if args.config is not None:
+        if args.checkpoint is None or args.predictions is not None:
+            raise UserError("dist2 eval CONFIG needs --checkpoint PATH (and no --predictions)")
+        from dist2.config import load_config
+
+        metrics = evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
+    else:
+        if args.annotations is None or args.predictions is None:
+            raise UserError("dist2 eval needs either CONFIG --checkpoint PATH, "
+                            "or --annotations A.json --predictions P.json")
+        metrics = evaluate_files(args.annotations, args.predictions)
+    _write_json(metrics, args.json)
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from dist2.config import SynthConfig, validate
+    from dist2.data.synth import generate
+
+    cfg = validate(SynthConfig, {"num_train": args.num_train, "num_val": args.num_val,
+                                 "image_size": args.image_size, "seed": args.seed}, "dist2 data synth")
+    out = generate(args.out, cfg)
+    print(f"wrote {cfg.num_train} train and {cfg.num_val} val images to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from dist2.bench import bench_train
+
+    bench_train(args.configs, steps=args.steps, batch_size=args.batch_size, paper_scale=args.paper_scale)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dist2.config import SynthConfig
+
+    parser = argparse.ArgumentParser(prog="dist2", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector from an experiment YAML")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run from its last epoch checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")
+    p.add_argument("config", type=Path, nargs="?", help="experiment YAML the checkpoint was trained with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", type=Path, help="model.pth (or resume.pth) to evaluate")
+    p.add_argument("--annotations", type=Path, help="COCO instances JSON (ground truth)")
+    p.add_argument("--predictions", type=Path, help="COCO detection results JSON")
+    p.add_argument("--json", type=Path, help="also write the metrics to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write the synthetic COCO-format dataset")
+    s.add_argument("--out", type=Path, required=True)
+    defaults = SynthConfig()
+    s.add_argument("--num-train", type=int, default=defaults.num_train)
+    s.add_argument("--num-val", type=int, default=defaults.num_val)
+    s.add_argument("--image-size", type=int, default=defaults.image_size, help="width in pixels")
+    s.add_argument("--seed", type=int, default=defaults.seed)
+    s.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("bench", help="training throughput (images/s) of experiment configs")
+    p.add_argument("configs", type=Path, nargs="*", help="experiment YAMLs (default: the quick and paper ones)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size")
+    p.add_argument("--paper-scale", action="store_true", help="include the paper-scale models (batch 2)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"dist2: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dist2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Experiment configs: one YAML file per run, validated into typed objects.
+
+The YAML keys are the names used everywhere downstream (MLflow params, report columns), so nothing is
+renamed after this point. `load_config` is the only entry: it reads the file, applies `--set a.b=value`
+overrides, validates, and turns every problem into one `UserError` naming the file, the key and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dist2.errors import UserError
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """The embedded synthetic COCO-format dataset (used when `data.root` is null)."""
+
+    num_train: int = Field(512, ge=1)
+    num_val: int = Field(128, ge=1)
+    image_size: int = Field(128, ge=64, le=1024)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    root: Optional[Path] = None  # a COCO-format dataset folder; null = the embedded synthetic dataset
+    train_annotations: str = "annotations/instances_train.json"
+    train_images: str = "train"
+    val_annotations: str = "annotations/instances_val.json"
+    val_images: str = "val"
+    synth: SynthConfig = SynthConfig()
+    # Augmentation (torchvision.transforms.v2, box-aware): the shorter side of a training image is drawn from
+    # train_sizes; evaluation resizes to test_size. max_size caps the longer side in both.
+    train_sizes: list[int] = Field(default_factory=lambda: [800], min_length=1)
+    test_size: int = Field(800, ge=32)
+    max_size: int = Field(1333, ge=32)
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(s < 32 for s in sizes):
+            raise ValueError("every training size must be >= 32 pixels")
+        return sizes
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "DataConfig":
+        if self.root is None:
+            return self
+        if not self.root.is_dir():
+            raise ValueError(f"data.root: folder {self.root} does not exist")
+        for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
+            path = self.root / getattr(self, key)
+            if not path.exists():
+                raise ValueError(f"data.{key}: {path} does not exist")
+        return self
+
+
+class ModelConfig(_Strict):
+    detector: Literal["fcos", "retinanet"]
+    backbone: str
+    # Neck (FPN) and head width: the paper's "C128" students use 128, its teachers 256.
+    channels: int = Field(256, ge=32, le=1024)
+    width_mult: float = Field(1.0, gt=0.0, le=2.0)  # MobileNetV2 only
+    backbone_weights: Optional[Literal["imagenet"]] = None
+    weights: Optional[Literal["coco"]] = None  # torchvision's COCO detector weights (resnet50, 256 channels)
+    trainable_backbone_layers: Optional[int] = Field(None, ge=0, le=5)
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0)
+    nms_thresh: float = Field(0.6, gt=0.0, le=1.0)
+    detections_per_img: int = Field(100, ge=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from dist2.modeling.backbones import BACKBONES
+
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+        return name
+
+    @model_validator(mode="after")
+    def _coco_weights_fit(self) -> "ModelConfig":
+        if self.channels % 32:
+            # FCOS's head normalises with GroupNorm(32, channels).
+            raise ValueError(f"model.channels: must be a multiple of 32 (got {self.channels})")
+        if self.weights == "coco" and (self.backbone != "resnet50" or self.channels != 256):
+            raise ValueError("model.weights: 'coco' exists only for backbone resnet50 with channels 256")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(16, ge=1)  # the global batch
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    lr_steps: list[int] = Field(default_factory=lambda: [8, 11])  # epochs after which lr *= lr_gamma
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    clip_grad_norm: Optional[float] = Field(10.0, gt=0.0)
+    amp: bool = True  # mixed precision; only takes effect on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = Field(1, ge=1)  # epochs
+
+    @model_validator(mode="after")
+    def _steps_within_schedule(self) -> "TrainConfig":
+        if any(not 0 < s <= self.epochs for s in self.lr_steps):
+            raise ValueError(f"train.lr_steps: every step must be an epoch in 1..{self.epochs}")
+        if self.lr_steps != sorted(self.lr_steps):
+            raise ValueError("train.lr_steps: must be increasing")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    output_dir: Path = Path("runs")  # the run's files go to output_dir/name
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        where = f"{loc}: " if loc and not msg.startswith(loc) else ""
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        lines.append(f"{where}{msg}{got}")
+    return f"{source}: invalid config: " + "; ".join(lines)
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return raw
+
+
+def validate(model: type[BaseModel], raw: dict, source: str):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(source, exc)) from None
+
+
+def load_config(path: Path | str, overrides: list[str] = ()) -> ExperimentConfig:
+    raw = apply_overrides(read_yaml(Path(path)), list(overrides))
+    return validate(ExperimentConfig, raw, str(path))
+
+
+def flatten(config: BaseModel) -> dict[str, str]:
+    """The config as `a.b.c -> value` strings (the MLflow params), keys exactly as in the YAML."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = "null" if value is None else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,202 @@
+"""The embedded default dataset: a deterministic synthetic detection set in real COCO format.
+
+It is built to be learnable in CPU minutes yet not saturated by a small model:
+- 8 categories told apart by shape only (colour and texture are random), several of them close
+  (circle / ellipse / ring, square / hexagon, cross / star);
+- object sizes log-uniform from ~10 px to most of the image, so every FPN level gets work;
+- cluttered textured backgrounds, overlapping and partly occluded objects, objects cut by the image edge;
+- un-annotated distractors (bars, blobs, arcs, lines) that look like objects but are none of the categories;
+- a few images with no objects, and "crowd" regions of many tiny objects marked iscrowd=1.
+Category ids have gaps, as COCO's do, so the label mapping is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dist2.config import SynthConfig
+
+CATEGORIES = {1: "circle", 3: "square", 4: "triangle", 7: "ring", 9: "cross", 11: "star", 13: "hexagon", 17: "ellipse"}
+
+
+def _regular_polygon(n: int, r: float, rot: float) -> np.ndarray:
+    a = rot + np.arange(n) * 2 * math.pi / n
+    return np.stack([r * np.cos(a), r * np.sin(a)], axis=1)
+
+
+def _star(r: float, rot: float) -> np.ndarray:
+    a = rot + np.arange(10) * math.pi / 5
+    radius = np.where(np.arange(10) % 2 == 0, r, 0.42 * r)
+    return np.stack([radius * np.cos(a), radius * np.sin(a)], axis=1)
+
+
+def _cross(r: float, rot: float) -> np.ndarray:
+    w = 0.33 * r
+    pts = np.array([(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w),
+                    (-r, -w), (-w, -w)])
+    c, s = math.cos(rot), math.sin(rot)
+    return pts @ np.array([[c, s], [-s, c]])
+
+
+def _ellipse(rx: float, ry: float, rot: float, n: int = 48) -> np.ndarray:
+    a = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    pts = np.stack([rx * np.cos(a), ry * np.sin(a)], axis=1)
+    c, s = math.cos(rot), math.sin(rot)
+    return pts @ np.array([[c, s], [-s, c]])
+
+
+def _shape_outline(name: str, r: float, rng: np.random.Generator) -> np.ndarray:
+    rot = rng.uniform(0, 2 * math.pi)
+    if name in ("circle", "ring"):
+        return _ellipse(r, r, 0.0)
+    if name == "ellipse":
+        return _ellipse(r, r * rng.uniform(0.45, 0.65), rot)
+    if name == "square":
+        return _regular_polygon(4, r, rot)
+    if name == "triangle":
+        return _regular_polygon(3, r, rot)
+    if name == "hexagon":
+        return _regular_polygon(6, r, rot)
+    if name == "star":
+        return _star(r, rot)
+    if name == "cross":
+        return _cross(r, rot)
+    raise KeyError(name)
+
+
+def _random_color(rng: np.random.Generator, avoid: np.ndarray | None = None) -> tuple[int, int, int]:
+    while True:
+        c = rng.integers(0, 256, 3)
+        if avoid is None or np.abs(c.astype(int) - avoid.astype(int)).sum() > 120:
+            return tuple(int(v) for v in c)
+
+
+def _background(w: int, h: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    base = rng.integers(40, 216, 3).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    grad = (xx / w) * rng.uniform(-60, 60) + (yy / h) * rng.uniform(-60, 60)
+    stripes = 18 * np.sin(2 * math.pi * (xx * rng.uniform(-0.08, 0.08) + yy * rng.uniform(-0.08, 0.08)))
+    noise = rng.normal(0, rng.uniform(6, 22), (h, w, 3))
+    img = base + (grad + stripes)[..., None] + noise
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), base
+
+
+def _draw_distractor(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator, avoid) -> None:
+    kind = rng.integers(0, 4)
+    color = _random_color(rng, avoid)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    size = math.exp(rng.uniform(math.log(8), math.log(0.5 * min(w, h))))
+    if kind == 0:  # a thin bar
+        pts = _ellipse(size, size * 0.12, rng.uniform(0, math.pi), n=4)
+        draw.polygon([tuple(p) for p in pts + (cx, cy)], fill=color)
+    elif kind == 1:  # an irregular blob, jagged enough not to pass for one of the polygons
+        n = int(rng.integers(8, 14))
+        a = np.sort(rng.uniform(0, 2 * math.pi, n))
+        rad = size * rng.uniform(0.25, 1.0, n)
+        pts = np.stack([cx + rad * np.cos(a), cy + rad * np.sin(a)], axis=1)
+        draw.polygon([tuple(p) for p in pts], fill=color)
+    elif kind == 2:  # an open arc
+        start = rng.uniform(0, 360)
+        draw.arc([cx - size, cy - size, cx + size, cy + size], start, start + rng.uniform(90, 220), fill=color,
+                 width=max(1, int(size * 0.15)))
+    else:  # a line
+        draw.line([cx, cy, cx + rng.uniform(-2, 2) * size, cy + rng.uniform(-2, 2) * size], fill=color,
+                  width=int(rng.integers(1, 4)))
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _draw_object(draw, name: str, cx: float, cy: float, r: float, rng, avoid) -> list[float]:
+    pts = _shape_outline(name, r, rng) + (cx, cy)
+    color = _random_color(rng, avoid)
+    draw.polygon([tuple(p) for p in pts], fill=color)
+    if name == "ring":
+        inner = _ellipse(r * rng.uniform(0.45, 0.65), r * rng.uniform(0.45, 0.65), 0.0) + (cx, cy)
+        draw.polygon([tuple(p) for p in inner], fill=_random_color(rng, np.array(color)))
+    x0, y0 = pts.min(axis=0)
+    x1, y1 = pts.max(axis=0)
+    return [float(x0), float(y0), float(x1), float(y1)]
+
+
+def _make_image(rng: np.random.Generator, size: int):
+    w = size
+    h = int(size * rng.choice([0.75, 1.0, 1.0, 1.25]))
+    img, bg_color = _background(w, h, rng)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        _draw_distractor(draw, w, h, rng, bg_color)
+    objects: list[tuple[int, list[float], int]] = []  # (category id, xyxy, iscrowd)
+    n_objects = 0 if rng.random() < 0.05 else int(rng.integers(2, 11))
+    names = list(CATEGORIES.items())
+    placed: list[tuple[int, str, float, float, float]] = []
+    for _ in range(n_objects):
+        cat_id, name = names[int(rng.integers(len(names)))]
+        for _attempt in range(10):
+            r = math.exp(rng.uniform(math.log(6), math.log(0.45 * min(w, h))))
+            cx, cy = rng.uniform(0, w), rng.uniform(0, h)  # the centre may sit near an edge: cut objects
+            if all(_iou((cx - r, cy - r, cx + r, cy + r), (x - q, y - q, x + q, y + q)) < 0.4
+                   for _, _, x, y, q in placed):
+                placed.append((cat_id, name, cx, cy, r))
+                break
+    # Largest first, so that overlaps occlude objects partly but never hide a small one completely.
+    for cat_id, name, cx, cy, r in sorted(placed, key=lambda p: -p[4]):
+        objects.append((cat_id, _draw_object(draw, name, cx, cy, r, rng, bg_color), 0))
+    if rng.random() < 0.08:  # a crowd: many tiny objects of one category in one region, annotated once
+        cat_id, name = names[int(rng.integers(len(names)))]
+        x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
+        x1, y1 = x0 + w * 0.3, y0 + h * 0.3
+        for _ in range(12):
+            _draw_object(draw, name, rng.uniform(x0, x1), rng.uniform(y0, y1), rng.uniform(2, 4), rng, bg_color)
+        objects.append((cat_id, [x0, y0, x1, y1], 1))
+    for _ in range(int(rng.integers(0, 3))):  # distractors drawn over objects too: partial occlusion
+        _draw_distractor(draw, w, h, rng, bg_color)
+    return img, objects
+
+
+def _write_split(out: Path, split: str, count: int, size: int, seed: int) -> None:
+    image_dir = out / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        img, objects = _make_image(rng, size)
+        file_name = f"{image_id:06d}.jpg"
+        img.save(image_dir / file_name, quality=92)
+        w, h = img.size
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
+        for cat_id, (x0, y0, x1, y1), crowd in objects:
+            # COCO stores boxes clipped to the image, as xywh.
+            x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+            if x1 - x0 < 1 or y1 - y0 < 1:
+                continue
+            bw, bh = x1 - x0, y1 - y0
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id,
+                                "bbox": [round(v, 2) for v in (x0, y0, bw, bh)], "area": round(bw * bh, 2),
+                                "iscrowd": crowd})
+    coco = {
+        "info": {"description": f"dist2 synthetic detection set ({split}, seed {seed})"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n in CATEGORIES.items()],
+    }
+    (out / "annotations").mkdir(exist_ok=True)
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def generate(out: Path, cfg: SynthConfig = SynthConfig()) -> Path:
+    """Write the dataset to `out` (train/, val/, annotations/instances_{train,val}.json)."""
+    out = Path(out)
+    _write_split(out, "train", cfg.num_train, cfg.image_size, cfg.seed)
+    _write_split(out, "val", cfg.num_val, cfg.image_size, cfg.seed)
+    return out

@@ -1,0 +1,1 @@
+"""The training engine: optimisation schedule, the epoch loop, checkpoints."""

@@ -1,0 +1,10 @@
+"""Errors a user can fix: the CLI prints them as one line and exits with code 2, never a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in a config file, a path, a command-line argument or an input file.
+
+    The message must name the file, key or value at fault and what is allowed instead.
+    """
+
+    exit_code = 2

@@ -1,0 +1,3 @@
+from dist2.evaluation.coco_eval import METRIC_KEYS, coco_metrics, evaluate, predict
+
+__all__ = ["METRIC_KEYS", "coco_metrics", "evaluate", "predict"]

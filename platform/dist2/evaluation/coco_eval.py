@@ -1,0 +1,64 @@
+"""COCO box evaluation with pycocotools' own COCOeval; metrics in percent."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from typing import Callable
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from dist2.data.coco import CocoDetection, collate
+
+# COCOeval.stats[0:6], in this order.
+METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
+    """Box AP of COCO detection results (image_id, category_id, bbox xywh, score) against `coco_gt`.
+
+    A metric COCO cannot define (no ground truth in that size range) is NaN; no detections at all is 0.
+    """
+    if not results:
+        return {k: 0.0 for k in METRIC_KEYS}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: (100.0 * float(v) if v >= 0 else math.nan) for k, v in zip(METRIC_KEYS, evaluator.stats[:6])}
+
+
+@torch.no_grad()
+def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
+            indices: list[int] | None = None) -> list[dict]:
+    """Run `detect(images) -> [{boxes, scores, labels}]` over the dataset (or some of its indices) and return
+    COCO results with the dataset's own category ids and boxes as xywh in original image coordinates."""
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    results = []
+    for images, targets in loader:
+        detections = detect([img.to(device) for img in images])
+        for target, det in zip(targets, detections):
+            boxes = det["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+                results.append({"image_id": target["image_id"], "category_id": dataset.category_ids[label],
+                                "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+    return results
+
+
+def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8) -> dict:
+    """mAP, AP50, AP75, APs, APm, APl (percent) of `model` on `dataset`."""
+    was_training = model.training
+    model.eval()
+    try:
+        return coco_metrics(dataset.coco, predict(model, dataset, device, batch_size))
+    finally:
+        model.train(was_training)
