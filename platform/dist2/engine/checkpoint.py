@@ -36,11 +36,16 @@ def load(path: Path, what: str = "checkpoint") -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a weights file (or the model part of a resume state), requiring an exact key match."""
+    """Load a weights file (or the model part of a resume state), requiring exactly the model's keys and shapes."""
     state = load(path, "weights")
     state = state.get("model", state)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{path}: does not match the configured model "
-                        f"({len(result.missing_keys)} missing keys, e.g. {result.missing_keys[:3]}; "
-                        f"{len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[:3]})")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise UserError(f"{path}: does not match the configured model ({len(missing)} missing keys, e.g. "
+                        f"{missing[:3]}; {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}; "
+                        f"{len(mismatched)} shape mismatches, e.g. {mismatched[:2]})")
+    model.load_state_dict(state)

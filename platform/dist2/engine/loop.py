@@ -84,7 +84,8 @@ def train_one_epoch(task: Task, loader: DataLoader, optimizer, scheduler, scaler
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     use_amp = scaler.is_enabled()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
+                disable=None)  # a bar on a terminal; logs get one line per epoch instead
     for step, (images, targets) in enumerate(bar):
         images, targets = _to_device(images, targets, device)
         with torch.autocast(device.type, enabled=use_amp):

@@ -17,13 +17,15 @@ tests/test_detectors.py proves that composing them reproduces torchvision's own 
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from types import SimpleNamespace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection import FCOS_ResNet50_FPN_Weights, RetinaNet_ResNet50_FPN_Weights
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 
 from dist2.config import DataConfig, ModelConfig
 from dist2.errors import UserError
@@ -124,8 +126,8 @@ def _load_coco_weights(model: StagedDetector, detector: str, categories: dict[in
     model.load_state_dict(remap_coco_classifier(state, list(categories), num_anchors))
 
 
-def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dict[int, str]) -> StagedDetector:
-    """A detector for the dataset's categories ({COCO category id: name}, in label order)."""
+def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes: int) -> StagedDetector:
+    """The detector with freshly initialised (or ImageNet-backbone) weights."""
     imagenet = model_cfg.backbone_weights == "imagenet" and model_cfg.weights is None
     try:
         backbone = build_backbone_fpn(model_cfg.backbone, model_cfg.channels, imagenet,
@@ -133,9 +135,15 @@ def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dic
                                       frozen_bn=imagenet or model_cfg.weights == "coco")
     except ValueError as exc:
         raise UserError(f"model.backbone: {exc}") from None
-    model = DETECTORS[model_cfg.detector](
+    extra = {}
+    if model_cfg.detector == "retinanet" and model_cfg.weights is None:
+        # The RetinaNet head with GroupNorm (torchvision's "v2" head) trains from scratch, where the original
+        # unnormalised head barely moves in the first epochs. COCO weights come with the original head.
+        anchors = _default_anchorgen().num_anchors_per_location()[0]
+        extra["head"] = RetinaNetHead(model_cfg.channels, anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+    return DETECTORS[model_cfg.detector](
         backbone,
-        num_classes=len(categories),
+        num_classes=num_classes,
         min_size=data_cfg.test_size,
         max_size=data_cfg.max_size,
         score_thresh=model_cfg.score_thresh,
@@ -144,7 +152,14 @@ def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dic
         # Training images are already resized by the data pipeline (transforms.v2); eval images are resized
         # here, so that predictions come back in original image coordinates for COCO evaluation.
         _skip_resize=True,
+        **extra,
     )
+
+
+def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dict[int, str]) -> StagedDetector:
+    """A detector for the dataset's categories ({category id: name}, in label order), with the weights the
+    config asks for."""
+    model = build_architecture(model_cfg, data_cfg, len(categories))
     if model_cfg.weights == "coco":
         _load_coco_weights(model, model_cfg.detector, categories)
     return model

@@ -1,0 +1,56 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # Generated datasets go to a per-session cache, never the user's ~/.cache.
+    os.environ["DIST2_CACHE"] = str(tmp_path_factory.mktemp("dist2-cache"))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic COCO-format dataset shared by the tests."""
+    from dist2.config import SynthConfig
+    from dist2.data.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), SynthConfig(num_train=24, num_val=12, image_size=96, seed=3))
+
+
+def tiny_config(tmp_path: Path, synth_root: Path, **sections) -> dict:
+    """A CPU-sized experiment config as a dict (write it with write_config)."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"root": str(synth_root), "train_sizes": [96], "test_size": 96, "max_size": 160,
+                 "hflip_prob": 0.5},
+        "model": {"detector": "fcos", "backbone": "resnet10", "channels": 32},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": [2]},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `dist2` entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "dist2", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ}, timeout=600)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

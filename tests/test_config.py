@@ -1,0 +1,75 @@
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_config, write_config
+from dist2.config import flatten, load_config
+from dist2.errors import UserError
+
+
+def test_valid_config_and_overrides(tmp_path, synth_root):
+    path = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
+    cfg = load_config(path, ["train.epochs=5", "model.channels=64", "data.train_sizes=[64, 96]"])
+    assert cfg.train.epochs == 5 and cfg.model.channels == 64 and cfg.data.train_sizes == [64, 96]
+    flat = flatten(cfg)
+    # Keys keep their YAML names, dotted.
+    assert flat["train.epochs"] == "5" and flat["model.detector"] == "fcos" and flat["model.weights"] == "null"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.backbon=resnet50", ["model.backbon", "Extra inputs are not permitted"]),
+        ("train.epochs=many", ["train.epochs", "valid integer", "'many'"]),
+        ("train.lr=-1", ["train.lr", "greater than 0"]),
+        ("model.detector=yolo", ["model.detector", "'fcos' or 'retinanet'", "'yolo'"]),
+        ("model.backbone=resnet9", ["model.backbone", "resnet9", "mobilenet_v2, resnet10, resnet18, resnet50, "
+                                    "resnext101_64x4d"]),
+        ("model.channels=48", ["model.channels", "multiple of 32"]),
+        ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "does not exist"]),
+        ("train.lr_steps=[30]", ["train.lr_steps", "1..2"]),
+        ("bogus", ["--set 'bogus'", "KEY=VALUE"]),
+    ],
+)
+def test_bad_values_name_file_key_and_allowed(tmp_path, synth_root, override, expected):
+    path = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
+    with pytest.raises(UserError) as err:
+        load_config(path, [override])
+    message = str(err.value)
+    if not override == "bogus":
+        assert message.startswith(f"{path}: invalid config: ")
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_missing_annotation_file_is_named(tmp_path, synth_root):
+    cfg = tiny_config(tmp_path, synth_root, data={"val_annotations": "annotations/nope.json"})
+    with pytest.raises(UserError, match=r"data.val_annotations: .*annotations/nope.json does not exist"):
+        load_config(write_config(tmp_path / "exp.yaml", cfg))
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(UserError, match="bad.yaml: expected a mapping"):
+        load_config(bad)
+    with pytest.raises(UserError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_config_error_exits_2_without_traceback_or_files(tmp_path, synth_root):
+    path = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
+    result = run_cli("train", path, "--set", "model.backbone=resnet9")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "dist2: error:" in result.stderr and "model.backbone" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_usage_error_exits_2(tmp_path):
+    result = run_cli("train")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run_cli("eval", "--annotations", tmp_path / "a.json")
+    assert result.returncode == 2 and "needs either CONFIG --checkpoint" in result.stderr

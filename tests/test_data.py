@@ -1,0 +1,124 @@
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import run_cli
+from dist2.config import DataConfig, SynthConfig
+from dist2.data.coco import CocoDetection
+from dist2.data.synth import CATEGORIES, generate
+from dist2.data.transforms import train_transforms
+from dist2.errors import UserError
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_is_deterministic_real_coco(tmp_path):
+    cfg = SynthConfig(num_train=6, num_val=3, image_size=96, seed=7)
+    a, b = generate(tmp_path / "a", cfg), generate(tmp_path / "b", cfg)
+    assert _digest(a) == _digest(b)
+    c = generate(tmp_path / "c", cfg.model_copy(update={"seed": 8}))
+    assert _digest(a) != _digest(c)
+    ds = CocoDetection(a / "annotations/instances_train.json", a / "train")
+    assert len(ds) == 6 and ds.categories == CATEGORIES
+
+
+def test_synth_has_what_makes_it_hard(synth_root):
+    coco = json.loads((synth_root / "annotations/instances_train.json").read_text())
+    anns = [a for a in coco["annotations"] if not a["iscrowd"]]
+    sides = sorted(max(a["bbox"][2], a["bbox"][3]) for a in anns)
+    # Sizes spread over the FPN levels: small (<32 px), medium and large (>64 px) objects all present.
+    assert sides[0] < 16 and sides[-1] > 64 and any(32 <= s <= 64 for s in sides)
+    assert len({a["category_id"] for a in anns}) == len(CATEGORIES)
+    assert sorted(CATEGORIES) != list(range(1, len(CATEGORIES) + 1))  # gapped ids, as COCO's
+
+
+def test_cli_data_synth(tmp_path):
+    result = run_cli("data", "synth", "--out", tmp_path / "d", "--num-train", "3", "--num-val", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "d/train").glob("*.jpg"))) == 3
+    assert len(json.loads((tmp_path / "d/annotations/instances_val.json").read_text())["images"]) == 2
+
+
+def _write_coco(tmp_path, annotations, images=None, categories=None):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir(exist_ok=True)
+    images = images or [{"id": 10, "file_name": "a.png", "width": 50, "height": 40},
+                        {"id": 20, "file_name": "b.png", "width": 50, "height": 40}]
+    for im in images:
+        Image.new("RGB", (im["width"], im["height"]), (90, 90, 90)).save(tmp_path / "img" / im["file_name"])
+    categories = categories or [{"id": 5, "name": "cat"}, {"id": 42, "name": "dog"}, {"id": 90, "name": "eel"}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def _ann(i, image_id, cat, bbox, crowd=0):
+    return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3],
+            "iscrowd": crowd}
+
+
+def test_labels_crowd_clipping_zero_area_and_empty_images(tmp_path, caplog):
+    path = _write_coco(tmp_path, [
+        _ann(1, 10, 42, [5, 5, 10, 10]),
+        _ann(2, 10, 90, [40, 30, 20, 20]),  # runs past the right and bottom edges: clipped
+        _ann(3, 10, 5, [1, 1, 30, 30], crowd=1),  # crowd: not a training target
+        _ann(4, 10, 5, [3, 3, 0, 8]),  # zero width: dropped and counted
+        _ann(5, 10, 5, [60, 3, 5, 5]),  # entirely outside the image: no area after clipping
+    ])
+    with caplog.at_level(logging.WARNING):
+        ds = CocoDetection(path, tmp_path / "img")
+    assert ds.num_dropped_boxes == 2
+    assert "dropped 2 zero-area box(es)" in caplog.text and "instances.json" in caplog.text
+    assert ds.category_ids == [5, 42, 90]  # label i <-> category_ids[i]
+    image, target = ds[0]
+    assert image.shape == (3, 40, 50)
+    assert target["image_id"] == 10
+    assert target["labels"].tolist() == [1, 2]
+    assert target["boxes"].tolist() == [[5, 5, 15, 15], [40, 30, 50, 40]]
+    _, empty = ds[1]  # an image without objects
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+
+
+def test_unknown_category_missing_image_and_bad_json(tmp_path):
+    path = _write_coco(tmp_path, [_ann(1, 10, 7, [5, 5, 10, 10])])
+    with pytest.raises(UserError, match=r"instances.json: annotations use category id\(s\) \[7\]"):
+        CocoDetection(path, tmp_path / "img")
+    path = _write_coco(tmp_path, [])
+    (tmp_path / "img" / "b.png").unlink()
+    with pytest.raises(UserError, match=r"1 image file\(s\) missing .*b.png"):
+        CocoDetection(path, tmp_path / "img")
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="instances.json: not a readable JSON file"):
+        CocoDetection(path, tmp_path / "img")
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="not a COCO instances file .missing annotations, categories"):
+        CocoDetection(path, tmp_path / "img")
+
+
+def test_augmentation_moves_boxes_with_pixels(tmp_path):
+    from PIL import Image
+
+    path = _write_coco(tmp_path, [_ann(1, 10, 42, [5, 10, 10, 20])])
+    img = Image.new("RGB", (50, 40))
+    img.paste((255, 255, 255), (5, 10, 15, 30))  # a white block exactly under the box
+    img.save(tmp_path / "img" / "a.png")
+    cfg = DataConfig(train_sizes=[80], max_size=200, hflip_prob=1.0, test_size=80)
+    ds = CocoDetection(path, tmp_path / "img", train_transforms(cfg))
+    image, target = ds[0]
+    assert image.shape == (3, 80, 100) and image.dtype == torch.float32 and image.max() <= 1.0
+    x0, y0, x1, y1 = target["boxes"][0].tolist()
+    assert (x0, y0, x1, y1) == pytest.approx((70, 20, 90, 60))  # scaled x2 and mirrored: 100 - 2*15 = 70
+    inside = image[:, int(y0) + 2:int(y1) - 2, int(x0) + 2:int(x1) - 2]
+    assert inside.min() > 0.9  # the white block moved with its box
+    assert image[:, :, :60].max() < 0.1
