@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from dist2.config import SynthConfig
 
-CATEGORIES = {1: "circle", 3: "square", 4: "triangle", 7: "ring", 9: "cross", 11: "star", 13: "hexagon", 17: "ellipse"}
+CATEGORIES = {1: "circle", 3: "square", 4: "triangle", 7: "ring", 9: "cross", 11: "star"}
 
 
 def _regular_polygon(n: int, r: float, rot: float) -> np.ndarray:
@@ -80,8 +80,8 @@ def _background(w: int, h: int, rng: np.random.Generator) -> tuple[Image.Image, 
     base = rng.integers(40, 216, 3).astype(np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     grad = (xx / w) * rng.uniform(-60, 60) + (yy / h) * rng.uniform(-60, 60)
-    stripes = 18 * np.sin(2 * math.pi * (xx * rng.uniform(-0.08, 0.08) + yy * rng.uniform(-0.08, 0.08)))
-    noise = rng.normal(0, rng.uniform(6, 22), (h, w, 3))
+    stripes = 10 * np.sin(2 * math.pi * (xx * rng.uniform(-0.08, 0.08) + yy * rng.uniform(-0.08, 0.08)))
+    noise = rng.normal(0, rng.uniform(4, 12), (h, w, 3))
     img = base + (grad + stripes)[..., None] + noise
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), base
 
@@ -134,16 +134,16 @@ def _make_image(rng: np.random.Generator, size: int):
     h = int(size * rng.choice([0.75, 1.0, 1.0, 1.25]))
     img, bg_color = _background(w, h, rng)
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(1, 5))):
         _draw_distractor(draw, w, h, rng, bg_color)
     objects: list[tuple[int, list[float], int]] = []  # (category id, xyxy, iscrowd)
-    n_objects = 0 if rng.random() < 0.05 else int(rng.integers(2, 11))
+    n_objects = 0 if rng.random() < 0.05 else int(rng.integers(3, 13))
     names = list(CATEGORIES.items())
     placed: list[tuple[int, str, float, float, float]] = []
     for _ in range(n_objects):
         cat_id, name = names[int(rng.integers(len(names)))]
         for _attempt in range(10):
-            r = math.exp(rng.uniform(math.log(6), math.log(0.45 * min(w, h))))
+            r = math.exp(rng.uniform(math.log(8), math.log(0.45 * min(w, h))))
             cx, cy = rng.uniform(0, w), rng.uniform(0, h)  # the centre may sit near an edge: cut objects
             if all(_iou((cx - r, cy - r, cx + r, cy + r), (x - q, y - q, x + q, y + q)) < 0.4
                    for _, _, x, y, q in placed):
@@ -159,7 +159,7 @@ def _make_image(rng: np.random.Generator, size: int):
         for _ in range(12):
             _draw_object(draw, name, rng.uniform(x0, x1), rng.uniform(y0, y1), rng.uniform(2, 4), rng, bg_color)
         objects.append((cat_id, [x0, y0, x1, y1], 1))
-    for _ in range(int(rng.integers(0, 3))):  # distractors drawn over objects too: partial occlusion
+    for _ in range(int(rng.integers(0, 2))):  # distractors drawn over objects too: partial occlusion
         _draw_distractor(draw, w, h, rng, bg_color)
     return img, objects
 

@@ -1,0 +1,74 @@
+"""`dist2 bench`: training throughput (images/s) of experiment configs on this machine.
+
+Each config's model is built as configured and trained for a few steps on the embedded synthetic data,
+resized to the config's own training size, so paper-scale models are measured at paper-scale inputs
+without COCO on disk. The first step (allocator warm-up) is not timed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from dist2.config import SynthConfig, load_config
+from dist2.data.build import synth_root
+from dist2.data.coco import CocoDetection
+from dist2.data.transforms import train_transforms
+from dist2.engine.loop import resolve_device
+from dist2.errors import UserError
+from dist2.modeling import build_detector
+
+QUICK = "experiments/quick_*.yaml"
+PAPER = "experiments/paper/*.yaml"
+
+
+def _default_configs(paper_scale: bool) -> list[Path]:
+    paths = sorted(Path().glob(QUICK)) + (sorted(Path().glob(PAPER)) if paper_scale else [])
+    if not paths:
+        raise UserError(f"no configs given and none found under {QUICK} (run from the repository root)")
+    return paths
+
+
+def measure(path: Path, steps: int, batch_size: int | None) -> dict:
+    cfg = load_config(path, ["data.root=null"])
+    paper = "paper" in Path(path).parts
+    batch = batch_size or (2 if paper else cfg.train.batch_size)
+    device = resolve_device(cfg.train.device)
+    root = synth_root(SynthConfig())
+    data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(cfg.data))
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, cfg.data, data.categories).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    samples = [data[i] for i in range(batch)]
+    images = [s[0].to(device) for s in samples]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s[1].items()} for s in samples]
+    times = []
+    for _ in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step = sum(times[1:]) / steps
+    h, w = images[0].shape[-2:]
+    return {"config": Path(path).stem, "detector": cfg.model.detector, "backbone": cfg.model.backbone,
+            "channels": cfg.model.channels, "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
+            "input": f"{h}x{w}", "batch": batch, "s/step": step, "img/s": batch / step}
+
+
+def bench_train(configs: list[Path], steps: int = 5, batch_size: int | None = None,
+                paper_scale: bool = False) -> list[dict]:
+    rows = [measure(p, steps, batch_size) for p in (configs or _default_configs(paper_scale))]
+    print(f"training throughput on {torch.get_num_threads()} CPU threads"
+          if not torch.cuda.is_available() else f"training throughput on {torch.cuda.get_device_name()}")
+    print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github"))
+    return rows

@@ -1,0 +1,17 @@
+from conftest import run_cli, tiny_config, write_config
+
+
+def test_bench_prints_throughput_table(tmp_path, synth_root):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
+    result = run_cli("bench", cfg, "--steps", "1", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    header, rule, row = result.stdout.strip().splitlines()[-3:]
+    assert "img/s" in header and "s/step" in header
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["config"] == "tiny" and cells["batch"] == "2" and float(cells["img/s"]) > 0
+    assert not (tmp_path / "runs").exists()  # a benchmark writes no run
+
+
+def test_bench_without_configs_outside_repo_is_a_usage_error(tmp_path):
+    result = run_cli("bench", cwd=tmp_path)
+    assert result.returncode == 2 and "experiments/quick_*.yaml" in result.stderr
