@@ -40,6 +40,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from dist2.config import load_config
+    from dist2.engine.distill import distill
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = distill(cfg, resume=args.resume)
+    log.info("finished %s: mAP %.2f, teacher_head_mAP %.2f; student weights in %s", cfg.name,
+             metrics.get("mAP", float("nan")), metrics.get("teacher_head_mAP", float("nan")),
+             cfg.run_dir / "model.pth")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from dist2.evaluation.files import evaluate_checkpoint, evaluate_files
 
@@ -87,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run from its last epoch checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student with a frozen teacher (DI, FI, Dist2, baselines)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run from its last epoch checkpoint")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")
     p.add_argument("config", type=Path, nargs="?", help="experiment YAML the checkpoint was trained with")

@@ -122,6 +122,63 @@ class TrainConfig(_Strict):
         return self
 
 
+STRATEGIES = ("N2N", "B2B", "B2N", "N2B")  # X2Y: the student's X stands in for the teacher's Y (PAPER.md)
+BASELINES = ("hint", "pad", "nonlocal")  # defined at N2N only
+
+
+class TeacherConfig(_Strict):
+    config: Path  # the teacher's experiment YAML: its model section builds the teacher
+    checkpoint: Path  # the teacher's model.pth
+    # Refuse to distil from a teacher whose val mAP is below this floor: it most likely failed to load or train.
+    min_mAP: float = Field(1.0, ge=0.0, le=100.0)
+
+
+class HintConfig(_Strict):
+    weight: float = Field(1.0, ge=0.0)
+
+
+class PADConfig(_Strict):
+    weight: float = Field(1.0, ge=0.0)
+
+
+class NonLocalConfig(_Strict):
+    # Zhang & Ma (ICLR 2021): attention-masked feature loss (alpha), attention transfer (beta),
+    # non-local relation loss (gamma); temperature of the attention softmax.
+    alpha: float = Field(1.0, ge=0.0)
+    beta: float = Field(1.0, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.1, gt=0.0)
+
+
+class DistillConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    method: Literal["student", "hint", "pad", "nonlocal", "fi", "di", "dist2"] = "dist2"
+    strategies: list[Literal["N2N", "B2B", "B2N", "N2B", "All2All"]] = Field(default_factory=lambda: ["N2N"])
+    lambda_di: float = Field(1.0, ge=0.0)
+    lambda_feat: float = Field(1.0, ge=0.0)
+    student_loss: bool = True  # the student's own detection loss L_det (off: distillation terms alone)
+    hint: HintConfig = HintConfig()
+    pad: PADConfig = PADConfig()
+    nonlocal_: NonLocalConfig = Field(NonLocalConfig(), alias="nonlocal")
+
+    @model_validator(mode="after")
+    def _strategies_fit_method(self) -> "DistillConfig":
+        if not self.strategies:
+            raise ValueError("distill.strategies: list at least one of N2N, B2B, B2N, N2B (or All2All)")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"distill.strategies: {self.strategies} lists a strategy twice")
+        if self.method in BASELINES and self.resolved_strategies != ["N2N"]:
+            raise ValueError(f"distill.strategies: the {self.method} baseline is defined at N2N only")
+        return self
+
+    @property
+    def resolved_strategies(self) -> list[str]:
+        """The strategies in canonical order, All2All expanded to all four."""
+        chosen = set(STRATEGIES) if "All2All" in self.strategies else set(self.strategies)
+        return [s for s in STRATEGIES if s in chosen]
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
@@ -129,6 +186,9 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    # Distillation runs only (`dist2 distill`): the frozen teacher and the method.
+    teacher: Optional[TeacherConfig] = None
+    distill: Optional[DistillConfig] = None
 
     @property
     def run_dir(self) -> Path:
@@ -207,5 +267,5 @@ def flatten(config: BaseModel) -> dict[str, str]:
         else:
             out[prefix] = "null" if value is None else str(value)
 
-    walk("", config.model_dump(mode="json"))
+    walk("", config.model_dump(mode="json", by_alias=True))
     return out

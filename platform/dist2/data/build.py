@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dist2.config import DataConfig, SynthConfig
 from dist2.data.coco import CocoDetection
+from dist2.data import synth
 from dist2.data.synth import generate
 from dist2.data.transforms import eval_transforms, train_transforms
 
@@ -25,7 +26,8 @@ def synth_root(cfg: SynthConfig) -> Path:
     Generated into a temporary folder and renamed into place, so that concurrent workers never see half a
     dataset: the first rename wins and the others discard their copy.
     """
-    key = hashlib.sha1(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    spec = {**cfg.model_dump(), "version": synth.VERSION}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     root = cache_dir() / f"synth-{key}"
     if not root.is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)

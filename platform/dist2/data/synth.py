@@ -21,6 +21,9 @@ from PIL import Image, ImageDraw
 
 from dist2.config import SynthConfig
 
+# Part of the cache key of generated datasets: bump it whenever a change alters what generate() writes.
+VERSION = 2
+
 CATEGORIES = {1: "circle", 3: "square", 4: "triangle", 7: "ring", 9: "cross", 11: "star"}
 
 

@@ -53,6 +53,11 @@ class StagedDetector:
     def neck_stage(self, c_feats: list[Tensor]) -> list[Tensor]:
         return list(self.backbone.fpn(OrderedDict((str(i), f) for i, f in enumerate(c_feats))).values())
 
+    def extra_levels(self, p345: list[Tensor]) -> list[Tensor]:
+        """P3-P5 -> P3-P7, with the FPN's own extra-level block (P6 and P7 are computed from P5)."""
+        levels, _ = self.backbone.fpn.extra_blocks(list(p345), list(p345), ["0", "1", "2"])
+        return levels
+
     def head_stage(self, p_feats: list[Tensor]) -> dict[str, Tensor]:
         return self.head(p_feats)
 
@@ -126,11 +131,13 @@ def _load_coco_weights(model: StagedDetector, detector: str, categories: dict[in
     model.load_state_dict(remap_coco_classifier(state, list(categories), num_anchors))
 
 
-def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes: int) -> StagedDetector:
-    """The detector with freshly initialised (or ImageNet-backbone) weights."""
+def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes: int,
+                       download: bool = True) -> StagedDetector:
+    """The detector with freshly initialised (or ImageNet-backbone) weights. download=False builds the same
+    architecture without fetching ImageNet weights, for a model whose checkpoint is loaded next."""
     imagenet = model_cfg.backbone_weights == "imagenet" and model_cfg.weights is None
     try:
-        backbone = build_backbone_fpn(model_cfg.backbone, model_cfg.channels, imagenet,
+        backbone = build_backbone_fpn(model_cfg.backbone, model_cfg.channels, imagenet and download,
                                       model_cfg.trainable_backbone_layers, model_cfg.width_mult,
                                       frozen_bn=imagenet or model_cfg.weights == "coco")
     except ValueError as exc:

@@ -1,0 +1,115 @@
+"""The Distiller: the student, its adapters (f_trans) and distillation losses, beside a frozen teacher.
+
+One forward pass per batch:
+  student:  images -> C3-C5 -> P3-P7 -> head -> L_det            (ground-truth matching computed once)
+  teacher:  images -> C3-C5 -> P3-P7                              (no grad: the FI targets)
+  for each strategy X2Y: injected = f_trans(student X)
+      FI  = mse(injected, teacher Y)
+      DI  = teacher's detection loss of its layers after Y run on `injected` (autograd through the teacher)
+The teacher is held outside the module tree: it is never in the state_dict, the optimizer or a DDP wrapper,
+stays in eval mode (frozen BatchNorm) and has requires_grad off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dist2.config import DistillConfig
+from dist2.distill.adapters import Adapter
+from dist2.distill.imitation import Imitation, level_count
+from dist2.distill.losses import LOSSES, METHOD_LOSSES
+from dist2.modeling.detectors import StagedDetector
+
+
+def freeze(teacher: StagedDetector) -> StagedDetector:
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _channels(model: StagedDetector, side: str) -> list[int]:
+    """Channels of the backbone (B: C3-C5) or neck (N: P3-P7) levels."""
+    if side == "B":
+        return list(model.backbone.fpn.inner_blocks[i][0].in_channels for i in range(3))
+    return [model.backbone.out_channels] * 5
+
+
+class Distiller(nn.Module):
+    def __init__(self, student: StagedDetector, teacher: StagedDetector, cfg: DistillConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
+        names = METHOD_LOSSES[cfg.method]
+        self.strategies = cfg.resolved_strategies if names else []
+        self.adapters = nn.ModuleDict()
+        self.losses = nn.ModuleDict()
+        for strategy in self.strategies:
+            n = level_count(strategy)
+            s_ch, t_ch = _channels(student, strategy[0])[:n], _channels(teacher, strategy[2])[:n]
+            self.adapters[strategy] = Adapter(s_ch, t_ch)
+            self.losses[strategy] = nn.ModuleDict({name: LOSSES[name](cfg, s_ch, t_ch) for name in names})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # whatever the student does, the teacher's BatchNorm stays frozen
+        return self
+
+    def teacher_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        with torch.no_grad():
+            c = self.teacher.backbone_stage(x)
+            return c, self.teacher.neck_stage(c)
+
+    def teacher_rest(self, strategy: str, injected: list[Tensor]) -> list[Tensor]:
+        """The teacher's layers after Y, from injected Y features to P3-P7."""
+        if strategy[2] == "B":
+            return self.teacher.neck_stage(injected)  # B2B, N2B: the teacher's own FPN
+        if len(injected) == 3:
+            return self.teacher.extra_levels(injected)  # B2N: P6, P7 from the injected P5
+        return injected  # N2N
+
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        student, teacher = self.student, self.teacher
+        image_list, targets, _ = student.preprocess(images, targets)
+        x = image_list.tensors
+        s_feats = {"B": student.backbone_stage(x)}
+        s_feats["N"] = student.neck_stage(s_feats["B"])
+        anchors = student.anchors(image_list, s_feats["N"])
+        # Target assignment depends only on the ground truth and the level strides, which student and teacher
+        # share: compute it once for the student and every DI term.
+        matched = student.match(targets, anchors, s_feats["N"])
+        losses = {}
+        if self.cfg.student_loss:
+            out = student.head_stage(s_feats["N"])
+            losses.update({f"loss_det/{k}": v for k, v in student.loss_stage(targets, out, anchors, matched).items()})
+        if not self.strategies:
+            return losses
+        t_feats = dict(zip("BN", self.teacher_features(x)))
+
+        def teacher_loss(strategy):
+            def run(injected):
+                outputs = teacher.head_stage(self.teacher_rest(strategy, injected))
+                return teacher.loss_stage(targets, outputs, anchors, matched)
+            return run
+
+        for strategy in self.strategies:
+            n = level_count(strategy)
+            source, target = s_feats[strategy[0]][:n], t_feats[strategy[2]][:n]
+            for s, t in zip(source, target):  # levels are paired by stride: same spatial size
+                if s.shape[-2:] != t.shape[-2:]:
+                    raise RuntimeError(f"{strategy}: student level {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            imitation = Imitation(strategy, source, self.adapters[strategy](source), target, teacher_loss(strategy))
+            for loss in self.losses[strategy].values():
+                losses.update(loss(imitation))
+        return losses
+
+    @torch.no_grad()
+    def teacher_head_detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """The poster's diagnostic: the teacher's head run on f_trans(student P3-P7) (N2N), as detections."""
+        student, teacher = self.student, self.teacher
+        image_list, _, original_sizes = student.preprocess(images)
+        p_feats = self.adapters["N2N"](student.neck_stage(student.backbone_stage(image_list.tensors)))
+        outputs = teacher.head_stage(p_feats)
+        anchors = teacher.anchors(image_list, p_feats)
+        return teacher.detect(outputs, anchors, p_feats, image_list, original_sizes)

@@ -1,0 +1,31 @@
+"""The distillation loss registry: a new loss is one file in this folder plus one line here.
+
+Every loss is an nn.Module built as `Loss(cfg: DistillConfig, student_channels, teacher_channels)` (channels
+of the levels it will see) and called as `loss(imitation) -> {term name: weighted scalar}`; its parameters, if
+any, are trained with the student.
+"""
+
+from dist2.distill.losses.di import DetectionImitation
+from dist2.distill.losses.fi import FeatureImitation
+from dist2.distill.losses.hint import Hint
+from dist2.distill.losses.nonlocal_kd import NonLocal
+from dist2.distill.losses.pad import PAD
+
+LOSSES = {
+    "fi": FeatureImitation,
+    "di": DetectionImitation,
+    "hint": Hint,
+    "pad": PAD,
+    "nonlocal": NonLocal,
+}
+
+# distill.method -> the losses it adds to the student's own detection loss.
+METHOD_LOSSES = {
+    "student": [],
+    "fi": ["fi"],
+    "di": ["di"],
+    "dist2": ["fi", "di"],
+    "hint": ["hint"],
+    "pad": ["pad"],
+    "nonlocal": ["nonlocal"],
+}

@@ -1,0 +1,193 @@
+import copy
+import itertools
+
+import pytest
+import torch
+
+from conftest import read_json, run_cli, tiny_config, write_config
+from dist2.config import STRATEGIES, DataConfig, DistillConfig, ModelConfig, NonLocalConfig
+from dist2.data.build import build_datasets
+from dist2.distill.distiller import Distiller
+from dist2.distill.imitation import Imitation
+from dist2.distill.losses import LOSSES
+from dist2.engine.distill import teacher_head_map
+from dist2.evaluation import evaluate
+from dist2.modeling import build_detector
+
+DATA = dict(train_sizes=[96], test_size=96, max_size=160, hflip_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def data(synth_root):
+    train, val = build_datasets(DataConfig(root=synth_root, **DATA))
+    samples = [train[i] for i in range(2)]
+    return train, val, [s[0] for s in samples], [s[1] for s in samples]
+
+
+def _model(categories, detector, backbone="resnet10", channels=32, width=1.0, seed=0):
+    torch.manual_seed(seed)
+    return build_detector(ModelConfig(detector=detector, backbone=backbone, channels=channels, width_mult=width),
+                          DataConfig(**DATA), categories)
+
+
+def _teacher_own_loss(teacher, images, targets):
+    image_list, targets, _ = teacher.preprocess(images, targets)
+    p = teacher.neck_stage(teacher.backbone_stage(image_list.tensors))
+    anchors = teacher.anchors(image_list, p)
+    return teacher.loss_stage(targets, teacher.head_stage(p), anchors, teacher.match(targets, anchors, p))
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+def test_self_distillation_invariant(data, detector):
+    """Student = a copy of the teacher, identity adapters: DI = the teacher's own loss, FI = 0, and the
+    teacher's head on the adapted student neck scores exactly the teacher's mAP. (B2N and N2B map between
+    backbone and neck channels, where no identity exists, so the invariant covers N2N and B2B.)"""
+    train, val, images, targets = data
+    teacher = _model(train.categories, detector)
+    student = copy.deepcopy(teacher)
+    distiller = Distiller(student, teacher, DistillConfig(method="dist2", strategies=["N2N", "B2B"]))
+    for adapter in distiller.adapters.values():
+        adapter.identity_()
+    distiller.eval()  # the copy's BatchNorm must use the same running statistics as the frozen teacher
+    with torch.no_grad():
+        losses = distiller(images, targets)
+        own = sum(_teacher_own_loss(teacher, images, targets).values())
+    for strategy in ("N2N", "B2B"):
+        torch.testing.assert_close(losses[f"loss_di/{strategy}"], own, rtol=1e-5, atol=1e-6)
+        assert losses[f"loss_fi/{strategy}"].item() == pytest.approx(0.0, abs=1e-10)
+    teacher_map = evaluate(teacher, val, torch.device("cpu"), 4)["mAP"]
+    assert teacher_head_map(distiller, val, torch.device("cpu"), 4) == pytest.approx(teacher_map, abs=1e-9)
+
+
+def test_teacher_frozen_bit_identical_and_outside_the_optimised_module(data):
+    train, _, images, targets = data
+    teacher = _model(train.categories, "fcos", seed=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = _model(train.categories, "fcos", "mobilenet_v2", 32, 0.5)
+    distiller = Distiller(student, teacher, DistillConfig(method="dist2", strategies=["All2All"]))
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+    teacher_params = {id(p) for p in teacher.parameters()}
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    assert not teacher_params & {id(p) for p in trainable}
+    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
+    distiller.train()
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    for _ in range(3):
+        loss = sum(distiller(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        optimizer.step()
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_di_alone_reaches_the_student_backbone_through_the_teacher(data, strategy):
+    train, _, images, targets = data
+    teacher = _model(train.categories, "fcos", seed=1)
+    student = _model(train.categories, "fcos", "mobilenet_v2", 32, 0.5)
+    cfg = DistillConfig(method="di", strategies=[strategy], lambda_feat=0.0, student_loss=False)
+    distiller = Distiller(student, teacher, cfg).train()
+    losses = distiller(images, targets)
+    assert list(losses) == [f"loss_di/{strategy}"]
+    losses[f"loss_di/{strategy}"].backward()
+    grads = [p.grad for p in student.backbone.body.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    head_grads = [p.grad for p in student.head.parameters()]
+    assert all(g is None for g in head_grads)  # only the DI path was used
+
+
+SUBSETS = [list(c) for k in range(1, 5) for c in itertools.combinations(STRATEGIES, k)]
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+def test_every_strategy_subset_runs_with_stride_matched_levels(data, detector):
+    train, _, images, targets = data
+    teacher = _model(train.categories, detector, "resnet10", 64, seed=1)
+    student = _model(train.categories, detector, "mobilenet_v2", 32, 0.5)
+    for subset in SUBSETS + [["All2All"]]:
+        distiller = Distiller(student, teacher, DistillConfig(method="dist2", strategies=subset)).train()
+        expected = STRATEGIES if subset == ["All2All"] else subset
+        assert list(distiller.adapters) == [s for s in STRATEGIES if s in expected]
+        for strategy, adapter in distiller.adapters.items():
+            levels = [(c.in_channels, c.out_channels) for c in adapter.levels]
+            s_ch = {"B": [16, 48, 160], "N": [32] * 5}[strategy[0]]  # mobilenet_v2 x0.5: C3-C5 channels
+            t_ch = {"B": [128, 256, 512], "N": [64] * 5}[strategy[2]]
+            n = 5 if strategy == "N2N" else 3
+            assert levels == list(zip(s_ch[:n], t_ch[:n])), strategy
+        losses = distiller(images, targets)
+        names = {f"loss_{kind}/{s}" for s in expected for kind in ("fi", "di")}
+        assert names <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("name", ["hint", "pad", "nonlocal"])
+def test_baseline_losses_zero_for_identical_features_positive_otherwise(name):
+    torch.manual_seed(0)
+    cfg = DistillConfig(method=name, strategies=["N2N"], **({"nonlocal": NonLocalConfig()} if name else {}))
+    s_ch, t_ch = [32] * 5, [64] * 5
+    loss = LOSSES[name](cfg, s_ch, t_ch)
+    student = [torch.randn(2, 32, 2 ** (5 - i), 2 ** (5 - i)) for i in range(5)]
+    teacher = [torch.randn(2, 64, 2 ** (5 - i), 2 ** (5 - i)) for i in range(5)]
+    same = loss(Imitation("N2N", student, [t.clone() for t in teacher], teacher, None))
+    other = loss(Imitation("N2N", student, [t + torch.randn_like(t) for t in teacher], teacher, None))
+    assert all(v.item() == pytest.approx(0.0, abs=1e-6) for v in same.values()), same
+    assert all(v.item() > 1e-4 for v in other.values()), other
+
+
+def _distill_config(tmp_path, synth_root, teacher_yaml, checkpoint, **distill):
+    cfg = tiny_config(tmp_path, synth_root, name="student_di",
+                      model={"backbone": "mobilenet_v2", "width_mult": 0.5, "channels": 32},
+                      train={"epochs": 1, "lr_steps": []})
+    cfg["teacher"] = {"config": str(teacher_yaml), "checkpoint": str(checkpoint), "min_mAP": 0.0}
+    cfg["distill"] = {"method": "dist2", "strategies": ["N2N", "B2N"], **distill}
+    return cfg
+
+
+def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
+    teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher",
+                                                                       train={"epochs": 1, "lr_steps": []}))
+    assert run_cli("train", teacher_yaml).returncode == 0
+    checkpoint = tmp_path / "runs/teacher/model.pth"
+    cfg_path = write_config(tmp_path / "d.yaml", _distill_config(tmp_path, synth_root, teacher_yaml, checkpoint))
+
+    result = run_cli("distill", cfg_path, "--set", "teacher.min_mAP=99")
+    assert result.returncode == 2 and "below teacher.min_mAP = 99.0" in result.stderr
+    assert not (tmp_path / "runs/student_di").exists()
+
+    broken = {k: v for k, v in torch.load(checkpoint, weights_only=True).items() if "head" not in k}
+    torch.save(broken, tmp_path / "broken.pth")
+    result = run_cli("distill", cfg_path, "--set", f"teacher.checkpoint={tmp_path / 'broken.pth'}")
+    assert result.returncode == 2 and "broken.pth: does not match the configured model" in result.stderr
+
+    result = run_cli("distill", cfg_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs/student_di"
+    final = read_json(run_dir / "metrics.json")["final"]
+    assert {"loss_det/classification", "loss_fi/N2N", "loss_di/N2N", "loss_fi/B2N", "loss_di/B2N",
+            "mAP", "teacher_head_mAP"} <= final.keys()
+    # The deployable weights are a plain student: no teacher, adapter or loss-module keys.
+    weights = torch.load(run_dir / "model.pth", weights_only=True)
+    student = build_detector(ModelConfig(detector="fcos", backbone="mobilenet_v2", width_mult=0.5, channels=32),
+                             DataConfig(**DATA), {c: str(c) for c in range(6)})
+    assert student.load_state_dict(weights, strict=True)
+    resume = torch.load(run_dir / "resume.pth", weights_only=True)["model"]
+    assert any(k.startswith("adapters.N2N.") for k in resume) and not any(k.startswith("teacher") for k in resume)
+
+
+def test_distill_config_errors(tmp_path, synth_root):
+    from dist2.config import load_config
+    from dist2.errors import UserError
+
+    teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher"))
+    cfg_path = write_config(tmp_path / "d.yaml", _distill_config(tmp_path, synth_root, teacher_yaml, "x.pth"))
+    for override, message in [("distill.method=hint", "the hint baseline is defined at N2N only"),
+                              ("distill.strategies=[N2N, N2N]", "lists a strategy twice"),
+                              ("distill.strategies=[X2Y]", "distill.strategies.0"),
+                              ("distill.lambda_di=-1", "distill.lambda_di"),
+                              ("distill.nonlocal.temperature=0", "distill.nonlocal.temperature")]:
+        with pytest.raises(UserError, match=message):
+            load_config(cfg_path, [override])
+    result = run_cli("distill", write_config(tmp_path / "plain.yaml", tiny_config(tmp_path, synth_root)))
+    assert result.returncode == 2 and "needs the teacher: and distill: sections" in result.stderr
