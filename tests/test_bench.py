@@ -14,4 +14,4 @@ def test_bench_prints_throughput_table(tmp_path, synth_root):
 
 def test_bench_without_configs_outside_repo_is_a_usage_error(tmp_path):
     result = run_cli("bench", cwd=tmp_path)
-    assert result.returncode == 2 and "experiments/quick_*.yaml" in result.stderr
+    assert result.returncode == 2 and "experiments/quick_*_teacher.yaml" in result.stderr

@@ -10,7 +10,7 @@ from dist2.data.build import build_datasets
 from dist2.distill.distiller import Distiller
 from dist2.distill.imitation import Imitation
 from dist2.distill.losses import LOSSES
-from dist2.engine.distill import teacher_head_map
+from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.evaluation import evaluate
 from dist2.modeling import build_detector
 
@@ -56,7 +56,12 @@ def test_self_distillation_invariant(data, detector):
         torch.testing.assert_close(losses[f"loss_di/{strategy}"], own, rtol=1e-5, atol=1e-6)
         assert losses[f"loss_fi/{strategy}"].item() == pytest.approx(0.0, abs=1e-10)
     teacher_map = evaluate(teacher, val, torch.device("cpu"), 4)["mAP"]
-    assert teacher_head_map(distiller, val, torch.device("cpu"), 4) == pytest.approx(teacher_map, abs=1e-9)
+    cpu = torch.device("cpu")
+    assert teacher_head_map(student, teacher, distiller.adapters["N2N"], val, cpu, 4) == pytest.approx(teacher_map)
+    # With no trained N2N adapter a least-squares probe is fitted: for a copy of the teacher it reproduces the
+    # teacher's features, so the teacher's head scores (almost) the teacher's mAP.
+    probe = fit_linear_probe(student, teacher, train, cpu)
+    assert teacher_head_map(student, teacher, probe, val, cpu, 4) == pytest.approx(teacher_map, abs=0.5)
 
 
 def test_teacher_frozen_bit_identical_and_outside_the_optimised_module(data):
@@ -174,6 +179,19 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
     assert student.load_state_dict(weights, strict=True)
     resume = torch.load(run_dir / "resume.pth", weights_only=True)["model"]
     assert any(k.startswith("adapters.N2N.") for k in resume) and not any(k.startswith("teacher") for k in resume)
+
+    # dist2 eval --teacher-head: the resume state brings the trained adapter and reproduces the logged number;
+    # the bare student weights get the least-squares probe instead.
+    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head",
+                     "--json", tmp_path / "th.json")
+    assert result.returncode == 0, result.stderr
+    metrics = read_json(tmp_path / "th.json")
+    assert metrics["teacher_head_mAP"] == pytest.approx(final["teacher_head_mAP"], abs=1e-9)
+    assert metrics["mAP"] == pytest.approx(final["mAP"], abs=1e-9)
+    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "model.pth", "--teacher-head",
+                     "--json", tmp_path / "probe.json")
+    assert result.returncode == 0, result.stderr
+    assert 0.0 <= read_json(tmp_path / "probe.json")["teacher_head_mAP"] <= 100.0
 
 
 def test_distill_config_errors(tmp_path, synth_root):

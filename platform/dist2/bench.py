@@ -21,14 +21,14 @@ from dist2.engine.loop import resolve_device
 from dist2.errors import UserError
 from dist2.modeling import build_detector
 
-QUICK = "experiments/quick_*.yaml"
-PAPER = "experiments/paper/*.yaml"
+QUICK = ["experiments/quick_*_teacher.yaml", "experiments/quick_*_student.yaml"]
+PAPER = ["experiments/paper/*.yaml"]
 
 
 def _default_configs(paper_scale: bool) -> list[Path]:
-    paths = sorted(Path().glob(QUICK)) + (sorted(Path().glob(PAPER)) if paper_scale else [])
+    paths = sorted(p for pattern in QUICK + (PAPER if paper_scale else []) for p in Path().glob(pattern))
     if not paths:
-        raise UserError(f"no configs given and none found under {QUICK} (run from the repository root)")
+        raise UserError(f"no configs given and none found as {' or '.join(QUICK)} (run from the repository root)")
     return paths
 
 

@@ -60,7 +60,13 @@ def cmd_eval(args) -> int:
             raise UserError("dist2 eval CONFIG needs --checkpoint PATH (and no --predictions)")
         from dist2.config import load_config
 
-        metrics = evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
+        cfg = load_config(args.config, args.overrides)
+        if args.teacher_head:
+            from dist2.engine.distill import evaluate_with_teacher_head
+
+            metrics = evaluate_with_teacher_head(cfg, args.checkpoint)
+        else:
+            metrics = evaluate_checkpoint(cfg, args.checkpoint)
     else:
         if args.annotations is None or args.predictions is None:
             raise UserError("dist2 eval needs either CONFIG --checkpoint PATH, "
@@ -82,6 +88,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.distill is not None:
+        from dist2.bench_distill import bench_distill
+
+        bench_distill(args.distill, steps=args.steps, batch_size=args.batch_size)
+        return 0
     from dist2.bench import bench_train
 
     bench_train(args.configs, steps=args.steps, batch_size=args.batch_size, paper_scale=args.paper_scale)
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, help="COCO instances JSON (ground truth)")
     p.add_argument("--predictions", type=Path, help="COCO detection results JSON")
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
+    p.add_argument("--teacher-head", action="store_true",
+                   help="also teacher_head_mAP (a distillation CONFIG): the teacher's head on the adapted student neck")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="datasets")
@@ -130,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size")
     p.add_argument("--paper-scale", action="store_true", help="include the paper-scale models (batch 2)")
+    p.add_argument("--distill", type=Path, metavar="CONFIG",
+                   help="instead: time the parts of a distillation step for this distillation config")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -103,13 +103,3 @@ class Distiller(nn.Module):
             for loss in self.losses[strategy].values():
                 losses.update(loss(imitation))
         return losses
-
-    @torch.no_grad()
-    def teacher_head_detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """The poster's diagnostic: the teacher's head run on f_trans(student P3-P7) (N2N), as detections."""
-        student, teacher = self.student, self.teacher
-        image_list, _, original_sizes = student.preprocess(images)
-        p_feats = self.adapters["N2N"](student.neck_stage(student.backbone_stage(image_list.tensors)))
-        outputs = teacher.head_stage(p_feats)
-        anchors = teacher.anchors(image_list, p_feats)
-        return teacher.detect(outputs, anchors, p_feats, image_list, original_sizes)

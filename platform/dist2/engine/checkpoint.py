@@ -36,9 +36,12 @@ def load(path: Path, what: str = "checkpoint") -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a weights file (or the model part of a resume state), requiring exactly the model's keys and shapes."""
+    """Load a weights file (or the model of a resume state: the student, for a distillation run), requiring exactly
+    the model's keys and shapes."""
     state = load(path, "weights")
     state = state.get("model", state)
+    if any(k.startswith("student.") for k in state):  # a distillation run's resume state: its student part
+        state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -9,11 +9,14 @@ import torch
 from dist2.config import ExperimentConfig, load_config
 from dist2.data.build import build_datasets
 from dist2.data.coco import CocoDetection
+from dist2.distill.adapters import Adapter
 from dist2.distill.distiller import Distiller, freeze
+from dist2.engine import checkpoint
 from dist2.engine.checkpoint import load_weights
 from dist2.engine.loop import Task, fit, resolve_device, seed_epoch
 from dist2.errors import UserError
-from dist2.evaluation import coco_metrics, evaluate, predict
+from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
+from dist2.evaluation import evaluate
 from dist2.modeling import build_detector
 from dist2.modeling.detectors import build_architecture
 
@@ -39,28 +42,48 @@ def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.dev
     return teacher
 
 
-def teacher_head_map(distiller: Distiller, dataset: CocoDetection, device, batch_size: int) -> float:
-    """COCO mAP of the teacher's head on f_trans(student neck), N2N: the poster's motivating measurement."""
-    was_training = distiller.training
-    distiller.eval()
-    try:
-        results = predict(distiller.teacher_head_detect, dataset, device, batch_size)
-        return coco_metrics(dataset.coco, results)["mAP"]
-    finally:
-        distiller.train(was_training)
+def _require_distill_sections(cfg: ExperimentConfig, what: str) -> None:
+    if cfg.teacher is None or cfg.distill is None:
+        raise UserError(f"{cfg.name}: {what} needs the teacher: and distill: sections in the config")
+
+
+def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
+    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics and teacher_head_mAP.
+    A distillation resume state brings its trained N2N adapter; any other student checkpoint gets the probe."""
+    _require_distill_sections(cfg, "--teacher-head")
+    device = resolve_device(cfg.train.device)
+    train_ds, val_ds = build_datasets(cfg.data)
+    teacher = load_teacher(cfg, val_ds, device)
+    student = build_detector(cfg.model, cfg.data, val_ds.categories)
+    load_weights(student, path)
+    student.to(device)
+    state = checkpoint.load(path).get("model", {})
+    trained = {k.removeprefix("adapters.N2N."): v for k, v in state.items() if k.startswith("adapters.N2N.")}
+    if trained:
+        adapter = Adapter([student.backbone.out_channels] * 5, [teacher.backbone.out_channels] * 5)
+        adapter.load_state_dict(trained)
+        adapter.to(device)
+    else:
+        adapter = fit_linear_probe(student, teacher, train_ds, device)
+    metrics = evaluate(student, val_ds, device, cfg.train.batch_size)
+    metrics["teacher_head_mAP"] = teacher_head_map(student, teacher, adapter, val_ds, device, cfg.train.batch_size)
+    return metrics
 
 
 def distill(cfg: ExperimentConfig, resume: bool = False) -> dict:
-    if cfg.teacher is None or cfg.distill is None:
-        raise UserError(f"{cfg.name}: dist2 distill needs the teacher: and distill: sections in the config")
+    _require_distill_sections(cfg, "dist2 distill")
     device = resolve_device(cfg.train.device)
     seed_epoch(cfg.seed, -1)
     train_ds, val_ds = build_datasets(cfg.data)
     teacher = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, train_ds.categories)
     distiller = Distiller(student, teacher, cfg.distill).to(device)
-    extra = None
-    if "N2N" in distiller.adapters:
-        def extra(dataset):
-            return {"teacher_head_mAP": teacher_head_map(distiller, dataset, device, cfg.train.batch_size)}
-    return fit(cfg, Task(module=distiller, deploy=student, extra_eval=extra), train_ds, val_ds, device, resume=resume)
+
+    def extra_eval(dataset):
+        adapter = distiller.adapters["N2N"] if "N2N" in distiller.adapters else \
+            fit_linear_probe(student, teacher, train_ds, device)
+        return {"teacher_head_mAP": teacher_head_map(student, teacher, adapter, dataset, device,
+                                                     cfg.train.batch_size)}
+
+    task = Task(module=distiller, deploy=student, extra_eval=extra_eval)
+    return fit(cfg, task, train_ds, val_ds, device, resume=resume)

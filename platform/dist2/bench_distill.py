@@ -1,0 +1,146 @@
+"""`dist2 bench --distill CONFIG`: where a distillation step's time goes.
+
+Measured on one fixed batch (median of `steps` timed steps after one warm-up step), with the config's teacher
+and student architectures (random weights: timing does not depend on them):
+- full training steps (forward, backward, SGD step) for student-only, FI (N2N), DI (N2N) and Dist2 All2All;
+- the unavoidable parts: the student's forward+backward, the teacher's forward without grad (backbone + neck),
+  and, per strategy, the teacher's remaining layers forward+backward on an injected feature;
+- measured step / sum of its parts for DI and All2All (target <= 1.10), and peak memory per step kind
+  (CUDA: max allocated; CPU: peak resident set of a process that runs only that kind).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from dist2.config import STRATEGIES, DistillConfig, SynthConfig, load_config
+from dist2.data.build import synth_root
+from dist2.data.coco import CocoDetection
+from dist2.data.transforms import train_transforms
+from dist2.distill.distiller import Distiller
+from dist2.distill.imitation import level_count
+from dist2.engine.loop import resolve_device
+from dist2.modeling.detectors import build_architecture
+
+METHODS = {"student": ("student", ["N2N"]), "FI N2N": ("fi", ["N2N"]), "DI N2N": ("di", ["N2N"]),
+           "Dist2 All2All": ("dist2", ["All2All"])}
+
+
+def _setup(path: Path, batch_size: int | None):
+    cfg = load_config(path, ["data.root=null"])
+    teacher_cfg = load_config(cfg.teacher.config, ["data.root=null"])
+    device = resolve_device(cfg.train.device)
+    root = synth_root(SynthConfig())
+    data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(cfg.data))
+    batch = batch_size or cfg.train.batch_size
+    torch.manual_seed(0)
+    samples = [data[i] for i in range(batch)]
+    images = [s[0].to(device) for s in samples]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s[1].items()} for s in samples]
+    student = build_architecture(cfg.model, cfg.data, len(data.categories), download=False).to(device)
+    teacher = build_architecture(teacher_cfg.model, cfg.data, len(data.categories), download=False).to(device)
+    return cfg, device, images, targets, student, teacher
+
+
+def _time(fn, steps: int, device) -> float:
+    times = []
+    for _ in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _kinds(cfg, device, images, targets, student, teacher):
+    """name -> a function running one step of that kind."""
+    kinds = {}
+    for name, (method, strategies) in METHODS.items():
+        distiller = Distiller(student, teacher, DistillConfig(method=method, strategies=strategies)).to(device)
+        distiller.train()
+        optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(distiller=distiller, optimizer=optimizer):
+            loss = sum(distiller(images, targets).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        kinds[f"step: {name}"] = step
+
+    probe = Distiller(student, teacher, DistillConfig(method="di", strategies=["All2All"])).to(device)
+    image_list, prepared, _ = student.preprocess(images, targets)
+    x = image_list.tensors
+
+    def student_part():
+        s_p = student.neck_stage(student.backbone_stage(x))
+        anchors = student.anchors(image_list, s_p)
+        out = student.head_stage(s_p)
+        sum(student.loss_stage(prepared, out, anchors, student.match(prepared, anchors, s_p)).values()).backward()
+
+    kinds["part: student fwd+bwd"] = student_part
+    kinds["part: teacher fwd (no grad)"] = lambda: probe.teacher_features(x)
+    t_c, t_p = probe.teacher_features(x)
+    anchors = teacher.anchors(image_list, t_p)
+    matched = teacher.match(prepared, anchors, t_p)
+    for strategy in STRATEGIES:
+        n = level_count(strategy)
+        like = (t_c if strategy[2] == "B" else t_p)[:n]
+
+        def rest(strategy=strategy, like=like):
+            injected = [t.detach().clone().requires_grad_(True) for t in like]
+            out = teacher.head_stage(probe.teacher_rest(strategy, injected))
+            sum(teacher.loss_stage(prepared, out, anchors, matched).values()).backward()
+
+        kinds[f"part: teacher rest {strategy} fwd+bwd"] = rest
+    return kinds
+
+
+def _measure_in_child(path, batch_size, steps, name, queue):
+    cfg, device, images, targets, student, teacher = _setup(path, batch_size)
+    fn = _kinds(cfg, device, images, targets, student, teacher)[name]
+    seconds = _time(fn, steps, device)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((seconds, peak_mb))
+
+
+def bench_distill(path: Path, steps: int = 5, batch_size: int | None = None) -> dict[str, float]:
+    cfg, device, images, targets, student, teacher = _setup(path, batch_size)
+    names = list(_kinds(cfg, device, images, targets, student, teacher))
+    seconds, memory = {}, {}
+    for name in names:
+        if device.type == "cuda":
+            fn = _kinds(cfg, device, images, targets, student, teacher)[name]
+            torch.cuda.reset_peak_memory_stats()
+            seconds[name] = _time(fn, steps, device)
+            memory[name] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            # One process per kind, so that its peak resident set is its own.
+            ctx = multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            child = ctx.Process(target=_measure_in_child, args=(path, batch_size, steps, name, queue))
+            child.start()
+            seconds[name], memory[name] = queue.get()
+            child.join()
+    base = seconds["part: student fwd+bwd"] + seconds["part: teacher fwd (no grad)"]
+    rest = {s: seconds[f"part: teacher rest {s} fwd+bwd"] for s in STRATEGIES}
+    ratios = {"DI N2N": seconds["step: DI N2N"] / (base + rest["N2N"]),
+              "Dist2 All2All": seconds["step: Dist2 All2All"] / (base + sum(rest.values()))}
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"distillation step time, {Path(path).name}, batch {len(images)}, {where}")
+    print(tabulate([{"what": n, "ms": 1000 * seconds[n], "peak MB": memory[n]} for n in names],
+                   headers="keys", floatfmt=".1f", tablefmt="github"))
+    print()
+    print(tabulate([{"step": k, "measured / sum of parts": v, "target": "<= 1.10"} for k, v in ratios.items()],
+                   headers="keys", floatfmt=".3f", tablefmt="github"))
+    return ratios

@@ -1,0 +1,72 @@
+"""teacher_head_mAP, the poster's motivating measurement: COCO mAP of the teacher's head run on
+f_trans(student P3-P7) (N2N). Feature imitation alone can make the features close while this stays near zero.
+
+f_trans is the run's own trained N2N adapter when it has one. Runs without one (the student baseline, B2B-only
+DI, ...) get a linear probe instead: the per-level 1x1 convolution that maps the student's neck to the
+teacher's in the least-squares sense, fitted on training images. Either way the teacher's head is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from dist2.data.coco import CocoDetection, collate
+from dist2.distill.adapters import Adapter
+from dist2.evaluation import coco_metrics, predict
+from dist2.modeling.detectors import StagedDetector
+
+
+def _neck(model: StagedDetector, images):
+    image_list, _, original_sizes = model.preprocess(images)
+    return model.neck_stage(model.backbone_stage(image_list.tensors)), image_list, original_sizes
+
+
+@torch.no_grad()
+def fit_linear_probe(student: StagedDetector, teacher: StagedDetector, dataset: CocoDetection,
+                     device: torch.device, num_images: int = 64, batch_size: int = 8) -> Adapter:
+    """Least-squares per-level 1x1 conv from the student's P3-P7 to the teacher's, over `num_images` images."""
+    was_training = student.training
+    student.eval()
+    loader = DataLoader(Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size,
+                        collate_fn=collate)
+    gram = cross = None
+    for images, _ in loader:
+        images = [img.to(device) for img in images]
+        s_feats, _, _ = _neck(student, images)
+        t_feats, _, _ = _neck(teacher, images)
+        xs = [torch.cat([s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]),
+                         s.new_ones(s.shape[0] * s.shape[2] * s.shape[3], 1)], dim=1).double() for s in s_feats]
+        ys = [t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double() for t in t_feats]
+        g = [x.T @ x for x in xs]
+        c = [x.T @ y for x, y in zip(xs, ys)]
+        gram = g if gram is None else [a + b for a, b in zip(gram, g)]
+        cross = c if cross is None else [a + b for a, b in zip(cross, c)]
+    adapter = Adapter([s.shape[1] for s in s_feats], [t.shape[1] for t in t_feats]).to(device)
+    for conv, g, c in zip(adapter.levels, gram, cross):
+        ridge = 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        w = torch.linalg.solve(g + ridge, c)  # (Cs + 1) x Ct
+        conv.weight.copy_(w[:-1].T[:, :, None, None].float())
+        conv.bias.copy_(w[-1].float())
+    student.train(was_training)
+    return adapter
+
+
+@torch.no_grad()
+def teacher_head_detect(student: StagedDetector, teacher: StagedDetector, adapter: Adapter, images):
+    p_feats, image_list, original_sizes = _neck(student, images)
+    p_feats = adapter(p_feats)
+    outputs = teacher.head_stage(p_feats)
+    return teacher.detect(outputs, teacher.anchors(image_list, p_feats), p_feats, image_list, original_sizes)
+
+
+def teacher_head_map(student: StagedDetector, teacher: StagedDetector, adapter: Adapter, dataset: CocoDetection,
+                     device: torch.device, batch_size: int = 8) -> float:
+    modes = student.training, adapter.training
+    student.eval(), adapter.eval()
+    try:
+        results = predict(lambda imgs: teacher_head_detect(student, teacher, adapter, imgs), dataset, device,
+                          batch_size)
+        return coco_metrics(dataset.coco, results)["mAP"]
+    finally:
+        student.train(modes[0]), adapter.train(modes[1])
