@@ -28,7 +28,7 @@ def freeze(teacher: StagedDetector) -> StagedDetector:
     return teacher
 
 
-def _channels(model: StagedDetector, side: str) -> list[int]:
+def level_channels(model: StagedDetector, side: str) -> list[int]:
     """Channels of the backbone (B: C3-C5) or neck (N: P3-P7) levels."""
     if side == "B":
         return list(model.backbone.fpn.inner_blocks[i][0].in_channels for i in range(3))
@@ -47,7 +47,7 @@ class Distiller(nn.Module):
         self.losses = nn.ModuleDict()
         for strategy in self.strategies:
             n = level_count(strategy)
-            s_ch, t_ch = _channels(student, strategy[0])[:n], _channels(teacher, strategy[2])[:n]
+            s_ch, t_ch = level_channels(student, strategy[0])[:n], level_channels(teacher, strategy[2])[:n]
             self.adapters[strategy] = Adapter(s_ch, t_ch)
             self.losses[strategy] = nn.ModuleDict({name: LOSSES[name](cfg, s_ch, t_ch) for name in names})
 

@@ -10,12 +10,12 @@ from dist2.config import ExperimentConfig, load_config
 from dist2.data.build import build_datasets
 from dist2.data.coco import CocoDetection
 from dist2.distill.adapters import Adapter
-from dist2.distill.distiller import Distiller, freeze
+from dist2.distill.distiller import Distiller, freeze, level_channels
+from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.engine import checkpoint
 from dist2.engine.checkpoint import load_weights
 from dist2.engine.loop import Task, fit, resolve_device, seed_epoch
 from dist2.errors import UserError
-from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.evaluation import evaluate
 from dist2.modeling import build_detector
 from dist2.modeling.detectors import build_architecture
@@ -60,7 +60,7 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
     state = checkpoint.load(path).get("model", {})
     trained = {k.removeprefix("adapters.N2N."): v for k, v in state.items() if k.startswith("adapters.N2N.")}
     if trained:
-        adapter = Adapter([student.backbone.out_channels] * 5, [teacher.backbone.out_channels] * 5)
+        adapter = Adapter(level_channels(student, "N"), level_channels(teacher, "N"))
         adapter.load_state_dict(trained)
         adapter.to(device)
     else:
