@@ -88,3 +88,15 @@ def test_coco_weights_layout_loads_with_remapped_classes(detector):
     assert rows.shape[0] == anchors * 3
     torch.testing.assert_close(rows[anchors * 3 - 1], full[(anchors - 1) * 91 + 90])
     torch.testing.assert_close(rows[1], full[3])
+
+
+def test_unreachable_weights_are_a_clear_error(monkeypatch):
+    """Offline (as on CI), asking for ImageNet weights fails with a UserError naming the key, not a traceback."""
+    from dist2.errors import UserError
+
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")  # no cached weights to fall back on
+    for var in ("https_proxy", "HTTPS_PROXY"):  # unreachable even on a machine with a network
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    cfg = ModelConfig(detector="fcos", backbone="resnet18", channels=32, backbone_weights="imagenet")
+    with pytest.raises(UserError, match="model.backbone_weights: cannot fetch torchvision's ImageNet weights"):
+        build_detector(cfg, DataConfig(), {1: "a"})

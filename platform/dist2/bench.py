@@ -19,7 +19,7 @@ from dist2.data.coco import CocoDetection
 from dist2.data.transforms import train_transforms
 from dist2.engine.loop import resolve_device
 from dist2.errors import UserError
-from dist2.modeling import build_detector
+from dist2.modeling.detectors import build_architecture
 
 QUICK = ["experiments/quick_*_teacher.yaml", "experiments/quick_*_student.yaml"]
 PAPER = ["experiments/paper/*.yaml"]
@@ -40,7 +40,8 @@ def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     root = synth_root(SynthConfig())
     data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(cfg.data))
     torch.manual_seed(0)
-    model = build_detector(cfg.model, cfg.data, data.categories).to(device).train()
+    # Random weights: throughput does not depend on them, and a benchmark must not need a download.
+    model = build_architecture(cfg.model, cfg.data, len(data.categories), download=False).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     samples = [data[i] for i in range(batch)]
@@ -62,7 +63,7 @@ def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     h, w = images[0].shape[-2:]
     return {"config": Path(path).stem, "detector": cfg.model.detector, "backbone": cfg.model.backbone,
             "channels": cfg.model.channels, "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
-            "input": f"{h}x{w}", "batch": batch, "s/step": step, "img/s": batch / step}
+            "first input": f"{h}x{w}", "batch": batch, "s/step": step, "img/s": batch / step}
 
 
 def bench_train(configs: list[Path], steps: int = 5, batch_size: int | None = None,

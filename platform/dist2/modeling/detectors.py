@@ -126,7 +126,10 @@ def _load_coco_weights(model: StagedDetector, detector: str, categories: dict[in
         if not 0 < cat_id < len(coco_names) or coco_names[cat_id] != name:
             raise UserError(f"model.weights: 'coco' needs COCO's own categories; category {cat_id} {name!r} "
                             "is not one of them (use backbone_weights: imagenet instead)")
-    state = weights.get_state_dict(progress=False, check_hash=True)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as exc:
+        raise UserError(f"model.weights: cannot fetch torchvision's COCO {detector} weights ({exc})") from None
     num_anchors = model.anchor_generator.num_anchors_per_location()[0]
     model.load_state_dict(remap_coco_classifier(state, list(categories), num_anchors))
 
@@ -142,6 +145,9 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
                                       frozen_bn=imagenet or model_cfg.weights == "coco")
     except ValueError as exc:
         raise UserError(f"model.backbone: {exc}") from None
+    except OSError as exc:  # no network, or a corrupt download
+        raise UserError(f"model.backbone_weights: cannot fetch torchvision's ImageNet weights for "
+                        f"{model_cfg.backbone} ({exc}); set backbone_weights: null to train from scratch") from None
     extra = {}
     if model_cfg.detector == "retinanet" and model_cfg.weights is None:
         # The RetinaNet head with GroupNorm (torchvision's "v2" head) trains from scratch, where the original
