@@ -3,7 +3,7 @@
 It is built to be learnable in CPU minutes yet not saturated by a small model:
 - 6 categories told apart by shape only (colour and texture are random), some of them close
   (circle / ring, square / triangle, cross / star);
-- object sizes log-uniform from ~10 px to most of the image, so every FPN level gets work;
+- object sizes log-uniform from ~16 px to most of the image, so every FPN level gets work;
 - cluttered textured backgrounds, overlapping and partly occluded objects, objects cut by the image edge;
 - un-annotated distractors (bars, blobs, arcs, lines) that look like objects but are none of the categories;
 - a few images with no objects, and "crowd" regions of many tiny objects marked iscrowd=1.
