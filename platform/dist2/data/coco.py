@@ -24,15 +24,20 @@ from dist2.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def read_json(path: Path, what: str):
+    """A JSON file's content, or a UserError naming the file (`what` says what it should have been)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
+
+
 def load_coco(ann_file: Path) -> COCO:
     """Load an annotation file, turning every way it can be broken into a UserError naming it."""
     ann_file = Path(ann_file)
-    try:
-        data = json.loads(ann_file.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{ann_file}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{ann_file}: not a readable JSON file ({exc})") from None
+    data = read_json(ann_file, "annotation file")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise UserError(f"{ann_file}: not a COCO instances file (missing {', '.join(missing)})")

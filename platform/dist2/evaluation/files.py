@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dist2.config import ExperimentConfig
 from dist2.data.build import build_val_dataset
-from dist2.data.coco import load_coco
+from dist2.data.coco import load_coco, read_json
 from dist2.engine.checkpoint import load_weights
 from dist2.engine.loop import resolve_device
 from dist2.errors import UserError
@@ -25,12 +24,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Path) -> dict[str, fl
 
 def load_results(path: Path, coco_gt) -> list[dict]:
     path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: predictions file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
+    results = read_json(path, "predictions file")
     if not isinstance(results, list):
         raise UserError(f"{path}: expected a JSON list of COCO detection results")
     required = {"image_id", "category_id", "bbox", "score"}
