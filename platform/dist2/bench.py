@@ -17,7 +17,7 @@ from dist2.config import SynthConfig, load_config
 from dist2.data.build import synth_root
 from dist2.data.coco import CocoDetection
 from dist2.data.transforms import train_transforms
-from dist2.engine.loop import resolve_device
+from dist2.engine.loop import resolve_device, to_device
 from dist2.errors import UserError
 from dist2.modeling.detectors import build_architecture
 
@@ -32,21 +32,25 @@ def _default_configs(paper_scale: bool) -> list[Path]:
     return paths
 
 
+def synthetic_batch(data_cfg, batch: int, device):
+    """The first `batch` images of the embedded synthetic train set, augmented as `data_cfg` says, on `device`."""
+    root = synth_root(SynthConfig())
+    data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(data_cfg))
+    torch.manual_seed(0)
+    images, targets = to_device(*zip(*(data[i] for i in range(batch))), device)
+    return data, images, targets
+
+
 def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     cfg = load_config(path, ["data.root=null"])
     paper = "paper" in Path(path).parts
     batch = batch_size or (2 if paper else cfg.train.batch_size)
     device = resolve_device(cfg.train.device)
-    root = synth_root(SynthConfig())
-    data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(cfg.data))
-    torch.manual_seed(0)
+    data, images, targets = synthetic_batch(cfg.data, batch, device)
     # Random weights: throughput does not depend on them, and a benchmark must not need a download.
     model = build_architecture(cfg.model, cfg.data, len(data.categories), download=False).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    samples = [data[i] for i in range(batch)]
-    images = [s[0].to(device) for s in samples]
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s[1].items()} for s in samples]
     times = []
     for _ in range(steps + 1):
         if device.type == "cuda":

@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from dist2.config import STRATEGIES, DistillConfig, SynthConfig, load_config
-from dist2.data.build import synth_root
-from dist2.data.coco import CocoDetection
-from dist2.data.transforms import train_transforms
+from dist2.bench import synthetic_batch
+from dist2.config import STRATEGIES, DistillConfig, load_config
 from dist2.distill.distiller import Distiller
 from dist2.distill.imitation import level_count
 from dist2.engine.loop import resolve_device
@@ -37,13 +35,8 @@ def _setup(path: Path, batch_size: int | None):
     cfg = load_config(path, ["data.root=null"])
     teacher_cfg = load_config(cfg.teacher.config, ["data.root=null"])
     device = resolve_device(cfg.train.device)
-    root = synth_root(SynthConfig())
-    data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(cfg.data))
     batch = batch_size or cfg.train.batch_size
-    torch.manual_seed(0)
-    samples = [data[i] for i in range(batch)]
-    images = [s[0].to(device) for s in samples]
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in s[1].items()} for s in samples]
+    data, images, targets = synthetic_batch(cfg.data, batch, device)
     student = build_architecture(cfg.model, cfg.data, len(data.categories), download=False).to(device)
     teacher = build_architecture(teacher_cfg.model, cfg.data, len(data.categories), download=False).to(device)
     return cfg, device, images, targets, student, teacher

@@ -71,7 +71,7 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-def _to_device(images, targets, device):
+def to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                for t in targets]
@@ -87,7 +87,7 @@ def train_one_epoch(task: Task, loader: DataLoader, optimizer, scheduler, scaler
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
                 disable=None)  # a bar on a terminal; logs get one line per epoch instead
     for step, (images, targets) in enumerate(bar):
-        images, targets = _to_device(images, targets, device)
+        images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, enabled=use_amp):
             losses = task.module(images, targets)
         total = sum(losses.values())
