@@ -8,7 +8,7 @@ from conftest import read_json, run_cli, tiny_config, write_config
 from dist2.config import STRATEGIES, DataConfig, DistillConfig, ModelConfig, NonLocalConfig
 from dist2.data.build import build_datasets
 from dist2.distill.distiller import Distiller
-from dist2.distill.imitation import Imitation
+from dist2.distill.imitation import Imitation, level_count
 from dist2.distill.losses import LOSSES
 from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.evaluation import evaluate
@@ -101,6 +101,39 @@ def test_di_alone_reaches_the_student_backbone_through_the_teacher(data, strateg
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     head_grads = [p.grad for p in student.head.parameters()]
     assert all(g is None for g in head_grads)  # only the DI path was used
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+def test_batched_teacher_pass_equals_one_pass_per_strategy(data, detector):
+    """All strategies' DI run through the teacher as one batch; each term and its gradient must be what a
+    separate pass for that strategy alone gives."""
+    train, _, images, targets = data
+    teacher = _model(train.categories, detector, "resnet10", 64, seed=1)
+    student = _model(train.categories, detector, "mobilenet_v2", 32, 0.5)
+    distiller = Distiller(student, teacher, DistillConfig(method="di", strategies=["All2All"]))
+    image_list, prepared, _ = student.preprocess(images, targets)
+    t_feats = dict(zip("BN", distiller.teacher_features(image_list.tensors)))
+    anchors = teacher.anchors(image_list, t_feats["N"])
+    matched = teacher.match(prepared, anchors, t_feats["N"])
+    injected = {s: [(t + 0.1 * torch.randn_like(t)).requires_grad_(True) for t in t_feats[s[2]][:level_count(s)]]
+                for s in STRATEGIES}
+
+    def terms_and_grads(groups):
+        values = {}
+        for group in groups:
+            for strategy, terms in distiller.teacher_losses({s: injected[s] for s in group}, prepared, anchors,
+                                                            matched).items():
+                values[strategy] = torch.stack(list(terms.values()))
+        inputs = [t for s in STRATEGIES for t in injected[s]]
+        grads = iter(torch.autograd.grad(sum(v.sum() for v in values.values()), inputs))
+        return values, {s: [next(grads) for _ in injected[s]] for s in STRATEGIES}
+
+    batched_values, batched_grads = terms_and_grads([STRATEGIES])
+    alone_values, alone_grads = terms_and_grads([[s] for s in STRATEGIES])
+    for strategy in STRATEGIES:
+        torch.testing.assert_close(batched_values[strategy], alone_values[strategy], rtol=1e-5, atol=1e-6)
+        for batched, alone in zip(batched_grads[strategy], alone_grads[strategy]):
+            torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-7)
 
 
 SUBSETS = [list(c) for k in range(1, 5) for c in itertools.combinations(STRATEGIES, k)]

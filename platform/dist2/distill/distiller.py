@@ -6,6 +6,7 @@ One forward pass per batch:
   for each strategy X2Y: injected = f_trans(student X)
       FI  = mse(injected, teacher Y)
       DI  = teacher's detection loss of its layers after Y run on `injected` (autograd through the teacher)
+The DI passes of all strategies run through the teacher as one batch (see `teacher_losses`).
 The teacher is held outside the module tree: it is never in the state_dict, the optimizer or a DDP wrapper,
 stays in eval mode (frozen BatchNorm) and has requires_grad off.
 """
@@ -43,6 +44,7 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
         names = METHOD_LOSSES[cfg.method]
         self.strategies = cfg.resolved_strategies if names else []
+        self.needs_teacher_loss = any(getattr(LOSSES[name], "needs_teacher_loss", False) for name in names)
         self.adapters = nn.ModuleDict()
         self.losses = nn.ModuleDict()
         for strategy in self.strategies:
@@ -69,8 +71,29 @@ class Distiller(nn.Module):
             return self.teacher.extra_levels(injected)  # B2N: P6, P7 from the injected P5
         return injected  # N2N
 
+    def teacher_losses(self, injected: dict[str, list[Tensor]], targets, anchors, matched) -> dict[str, dict]:
+        """strategy -> the teacher's detection loss of its layers after Y run on that strategy's injected features.
+
+        One batched pass instead of one per strategy: strategies that inject at the same place share the teacher's
+        remaining layers (B2B and N2B both go through its FPN), and all of them share its head. Batching changes
+        nothing but speed, since the frozen teacher normalises each image on its own (eval BatchNorm, GroupNorm).
+        """
+        groups: dict[tuple, list[str]] = {}
+        for strategy in injected:
+            groups.setdefault((strategy[2], level_count(strategy)), []).append(strategy)
+        p_feats = {}
+        for members in groups.values():
+            batched = [torch.cat(levels) for levels in zip(*(injected[s] for s in members))]
+            levels = self.teacher_rest(members[0], batched)
+            p_feats.update(zip(members, zip(*(level.chunk(len(members)) for level in levels))))
+        order = list(injected)
+        outputs = self.teacher.head_stage([torch.cat(levels) for levels in zip(*(p_feats[s] for s in order))])
+        chunks = {name: value.chunk(len(order)) for name, value in outputs.items()}
+        return {s: self.teacher.loss_stage(targets, {name: chunks[name][i] for name in chunks}, anchors, matched)
+                for i, s in enumerate(order)}
+
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
-        student, teacher = self.student, self.teacher
+        student = self.student
         image_list, targets, _ = student.preprocess(images, targets)
         x = image_list.tensors
         s_feats = {"B": student.backbone_stage(x)}
@@ -86,20 +109,20 @@ class Distiller(nn.Module):
         if not self.strategies:
             return losses
         t_feats = dict(zip("BN", self.teacher_features(x)))
-
-        def teacher_loss(strategy):
-            def run(injected):
-                outputs = teacher.head_stage(self.teacher_rest(strategy, injected))
-                return teacher.loss_stage(targets, outputs, anchors, matched)
-            return run
-
+        pairs = {}
         for strategy in self.strategies:
             n = level_count(strategy)
             source, target = s_feats[strategy[0]][:n], t_feats[strategy[2]][:n]
             for s, t in zip(source, target):  # levels are paired by stride: same spatial size
                 if s.shape[-2:] != t.shape[-2:]:
                     raise RuntimeError(f"{strategy}: student level {tuple(s.shape)} vs teacher {tuple(t.shape)}")
-            imitation = Imitation(strategy, source, self.adapters[strategy](source), target, teacher_loss(strategy))
+            pairs[strategy] = (source, self.adapters[strategy](source), target)
+        teacher_loss = {}
+        if self.needs_teacher_loss:
+            injected = {strategy: pair[1] for strategy, pair in pairs.items()}
+            teacher_loss = self.teacher_losses(injected, targets, anchors, matched)
+        for strategy, (source, injected, target) in pairs.items():
+            imitation = Imitation(strategy, source, injected, target, teacher_loss.get(strategy))
             for loss in self.losses[strategy].values():
                 losses.update(loss(imitation))
         return losses

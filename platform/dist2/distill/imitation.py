@@ -7,7 +7,6 @@ Levels are paired by stride: N2N pairs P3-P7 with P3-P7; the others pair the thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 
@@ -18,9 +17,10 @@ class Imitation:
     student: list[Tensor]  # the student's X features, level by level
     injected: list[Tensor]  # f_trans(student X): in the teacher's channel space
     teacher: list[Tensor]  # the teacher's own Y features (no gradient)
-    # The teacher's remaining layers from Y on, run on given features with autograd on, and its detection loss
-    # against the ground truth: {classification, bbox_regression[, bbox_ctrness]}.
-    teacher_loss: Callable[[list[Tensor]], dict[str, Tensor]]
+    # The teacher's detection loss against the ground truth, {classification, bbox_regression[, bbox_ctrness]},
+    # of its remaining layers after Y run on `injected` with autograd on. Computed only for losses that declare
+    # `needs_teacher_loss = True` (None otherwise), for all strategies of a batch in one pass.
+    teacher_loss: dict[str, Tensor] | None = None
 
 
 def level_count(strategy: str) -> int:

@@ -2,7 +2,8 @@
 
 Every loss is an nn.Module built as `Loss(cfg: DistillConfig, student_channels, teacher_channels)` (channels
 of the levels it will see) and called as `loss(imitation) -> {term name: weighted scalar}`; its parameters, if
-any, are trained with the student.
+any, are trained with the student. A loss that needs the teacher's detection loss on the injected features (as
+DI does) sets the class attribute `needs_teacher_loss = True`.
 """
 
 from dist2.distill.losses.di import DetectionImitation

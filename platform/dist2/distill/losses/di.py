@@ -9,10 +9,11 @@ from dist2.distill.imitation import Imitation
 
 
 class DetectionImitation(nn.Module):
+    needs_teacher_loss = True
+
     def __init__(self, cfg, student_channels, teacher_channels):
         super().__init__()
         self.weight = cfg.lambda_di
 
     def forward(self, imitation: Imitation):
-        terms = imitation.teacher_loss(imitation.injected)
-        return {f"loss_di/{imitation.strategy}": self.weight * sum(terms.values())}
+        return {f"loss_di/{imitation.strategy}": self.weight * sum(imitation.teacher_loss.values())}
