@@ -29,25 +29,21 @@ def _write_json(metrics: dict, path: Path | None) -> None:
         path.write_text(json.dumps(clean, indent=1) + "\n")
 
 
-def cmd_train(args) -> int:
+def _run_overrides(args) -> list[str]:
+    extra = [] if args.num_workers is None else [f"ray.num_workers={args.num_workers}"]
+    extra += [] if args.gpu is None else [f"ray.use_gpu={str(args.gpu).lower()}"]
+    return args.overrides + extra
+
+
+def cmd_run(args) -> int:
     from dist2.config import load_config
-    from dist2.engine.train import train
+    from dist2.engine.launch import launch
 
-    cfg = load_config(args.config, args.overrides)
-    metrics = train(cfg, resume=args.resume)
-    log.info("finished %s: mAP %.2f; weights in %s", cfg.name, metrics.get("mAP", float("nan")),
-             cfg.run_dir / "model.pth")
-    return 0
-
-
-def cmd_distill(args) -> int:
-    from dist2.config import load_config
-    from dist2.engine.distill import distill
-
-    cfg = load_config(args.config, args.overrides)
-    metrics = distill(cfg, resume=args.resume)
-    log.info("finished %s: mAP %.2f, teacher_head_mAP %.2f; student weights in %s", cfg.name,
-             metrics.get("mAP", float("nan")), metrics.get("teacher_head_mAP", float("nan")),
+    cfg = load_config(args.config, _run_overrides(args))
+    metrics = launch(cfg, args.command, args.config, address=args.address, tracking_uri=args.tracking_uri,
+                     experiment=args.experiment)
+    extra = f", teacher_head_mAP {metrics['teacher_head_mAP']:.2f}" if "teacher_head_mAP" in metrics else ""
+    log.info("finished %s: mAP %.2f%s; weights in %s", cfg.name, metrics.get("mAP", float("nan")), extra,
              cfg.run_dir / "model.pth")
     return 0
 
@@ -106,15 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a detector from an experiment YAML")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue the run from its last epoch checkpoint")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("distill", help="train a student with a frozen teacher (DI, FI, Dist2, baselines)")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue the run from its last epoch checkpoint")
-    p.set_defaults(func=cmd_distill)
+    for name, help_text in (("train", "train a detector from an experiment YAML"),
+                            ("distill", "train a student with a frozen teacher (DI, FI, Dist2, baselines)")):
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}. A run whose name has checkpoints "
+                           "continues from the latest one.")
+        _add_config_args(p)
+        p.add_argument("--num-workers", type=int, help="data-parallel Ray Train workers (ray.num_workers)")
+        p.add_argument("--gpu", action=argparse.BooleanOptionalAction, help="workers on GPUs (ray.use_gpu)")
+        p.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                       "sqlite:///<output_dir>/mlflow.db)")
+        p.add_argument("--experiment", default="dist2", help="MLflow experiment name (default: dist2)")
+        p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")
     p.add_argument("config", type=Path, nargs="?", help="experiment YAML the checkpoint was trained with")

@@ -122,6 +122,21 @@ class TrainConfig(_Strict):
         return self
 
 
+class RayConfig(_Strict):
+    """Where and how a run executes: Ray Train's ScalingConfig, RunConfig and FailureConfig.
+
+    One worker on the local machine runs in-process (Ray Train's local mode: no worker group, no start-up
+    cost); more workers, or a cluster address, run a TorchTrainer worker group (gloo on CPU, NCCL on GPU).
+    """
+
+    num_workers: int = Field(1, ge=1)  # data-parallel workers; train.batch_size is split over them
+    use_gpu: Optional[bool] = None  # null: from train.device (auto = whether the cluster has GPUs)
+    resources_per_worker: Optional[dict[str, float]] = None  # null: the local machine's CPUs shared out
+    storage_path: Optional[str] = None  # checkpoints go to storage_path/name; null = output_dir; or s3://...
+    num_to_keep: int = Field(2, ge=1)  # epoch checkpoints kept
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+
+
 STRATEGIES = ("N2N", "B2B", "B2N", "N2B")  # X2Y: the student's X stands in for the teacher's Y (PAPER.md)
 BASELINES = ("hint", "pad", "nonlocal")  # defined at N2N only
 
@@ -186,13 +201,25 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
     # Distillation runs only (`dist2 distill`): the frozen teacher and the method.
     teacher: Optional[TeacherConfig] = None
     distill: Optional[DistillConfig] = None
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "ExperimentConfig":
+        if self.train.batch_size % self.ray.num_workers:
+            raise ValueError(f"train.batch_size: the global batch ({self.train.batch_size}) must split evenly over "
+                             f"ray.num_workers = {self.ray.num_workers}")
+        return self
+
     @property
     def run_dir(self) -> Path:
-        return self.output_dir / self.name
+        return (self.output_dir / self.name).absolute()
+
+    @property
+    def storage_path(self) -> str:
+        return self.ray.storage_path or str(self.output_dir.absolute())
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,3 +8,10 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class RunFailed(UserError):
+    """A run that started and could not finish (a non-finite loss, workers out of restarts): exit code 1, the
+    reason in one line, and the MLflow run marked FAILED with it."""
+
+    exit_code = 1

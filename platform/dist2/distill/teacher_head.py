@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dist2.data.coco import CocoDetection, collate
 from dist2.distill.adapters import Adapter
-from dist2.evaluation import coco_metrics, predict
+from dist2.evaluation import evaluate_detections
 from dist2.modeling.detectors import StagedDetector
 
 
@@ -65,8 +65,7 @@ def teacher_head_map(student: StagedDetector, teacher: StagedDetector, adapter: 
     modes = student.training, adapter.training
     student.eval(), adapter.eval()
     try:
-        results = predict(lambda imgs: teacher_head_detect(student, teacher, adapter, imgs), dataset, device,
-                          batch_size)
-        return coco_metrics(dataset.coco, results)["mAP"]
+        return evaluate_detections(lambda imgs: teacher_head_detect(student, teacher, adapter, imgs), dataset,
+                                   device, batch_size)["mAP"]
     finally:
         student.train(modes[0]), adapter.train(modes[1])

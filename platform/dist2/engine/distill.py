@@ -1,4 +1,4 @@
-"""`dist2 distill`: a student trained with a frozen teacher, in one process."""
+"""`dist2 distill`: what a worker trains for a distillation run, and the teacher it needs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dist2.distill.distiller import Distiller, freeze, level_channels
 from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.engine import checkpoint
 from dist2.engine.checkpoint import load_weights
-from dist2.engine.loop import Task, fit, resolve_device, seed_epoch
+from dist2.engine.loop import Task, resolve_device, seed_epoch
 from dist2.errors import UserError
 from dist2.evaluation import evaluate
 from dist2.modeling import build_detector
@@ -70,9 +70,10 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
     return metrics
 
 
-def distill(cfg: ExperimentConfig, resume: bool = False) -> dict:
+def build_distill_task(cfg: ExperimentConfig, device):
+    """What a worker trains for a distillation run: the student with its adapters and losses (wrapped for data
+    parallelism), beside the frozen teacher (not wrapped: it has nothing to synchronise)."""
     _require_distill_sections(cfg, "dist2 distill")
-    device = resolve_device(cfg.train.device)
     seed_epoch(cfg.seed, -1)
     train_ds, val_ds = build_datasets(cfg.data)
     teacher = load_teacher(cfg, val_ds, device)
@@ -83,7 +84,9 @@ def distill(cfg: ExperimentConfig, resume: bool = False) -> dict:
         adapter = distiller.adapters["N2N"] if "N2N" in distiller.adapters else \
             fit_linear_probe(student, teacher, train_ds, device)
         return {"teacher_head_mAP": teacher_head_map(student, teacher, adapter, dataset, device,
-                                                     cfg.train.batch_size)}
+                                                     cfg.train.batch_size // cfg.ray.num_workers)}
 
-    task = Task(module=distiller, deploy=student, extra_eval=extra_eval)
-    return fit(cfg, task, train_ds, val_ds, device, resume=resume)
+    # Without the student's own loss its head takes no part in the step, which DDP must be told.
+    task = Task(module=distiller, deploy=student, extra_eval=extra_eval,
+                ddp_kwargs={"find_unused_parameters": not cfg.distill.student_loss})
+    return task, train_ds, val_ds

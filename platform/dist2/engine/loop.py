@@ -2,29 +2,28 @@
 
 A `Task` says what to optimise and what to deploy: for plain training both are the detector; for distillation
 the optimised module is the student with its adapters (the frozen teacher lives outside it), and the deployed
-model is the student alone. The loop itself knows nothing about detectors or teachers.
+model is the student alone. The loop itself knows nothing about detectors, teachers, Ray or MLflow: it runs in one process or in each of
+several data-parallel workers, and hands each epoch's metrics and resume state to its caller.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import yaml
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dist2.config import ExperimentConfig
 from dist2.data.coco import CocoDetection, collate
-from dist2.engine import checkpoint
+from dist2 import distributed
 from dist2.engine.schedule import build_optimizer, build_scheduler
 from dist2.evaluation import evaluate
 
@@ -43,12 +42,10 @@ class NonFiniteLoss(RuntimeError):
 class Task:
     module: torch.nn.Module  # optimised; forward(images, targets) -> {loss term name: scalar}
     deploy: torch.nn.Module  # saved as model.pth and evaluated
-    # Extra evaluation metrics beside COCO's, e.g. teacher_head_mAP; called with the val dataset.
+    # Extra evaluation metrics beside COCO's, e.g. teacher_head_mAP; called with the val dataset on every worker.
     extra_eval: Callable[[CocoDetection], dict[str, float]] | None = None
-    params: list = field(default_factory=list)
-
-    def __post_init__(self):
-        self.params = self.params or [p for p in self.module.parameters() if p.requires_grad]
+    # Keyword arguments for DistributedDataParallel, e.g. find_unused_parameters when a head goes unused.
+    ddp_kwargs: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,14 +58,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed every RNG from (seed, epoch) alone, so that a resumed run draws exactly what an unbroken run would
-    (data order and augmentation) without having to carry RNG states in the checkpoint."""
-    s = seed * 100_003 + epoch
+def seed_epoch(seed: int, epoch: int, worker: int = 0) -> None:
+    """Seed every RNG from (seed, epoch, worker) alone, so that a resumed run draws exactly what an unbroken run
+    would (augmentation) without having to carry RNG states in the checkpoint."""
+    s = (seed * 100_003 + epoch) * 1_009 + worker
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
-    return torch.Generator().manual_seed(s)
 
 
 def to_device(images, targets, device):
@@ -78,29 +74,38 @@ def to_device(images, targets, device):
     return images, targets
 
 
-def train_one_epoch(task: Task, loader: DataLoader, optimizer, scheduler, scaler, device, epoch: int,
-                    cfg: ExperimentConfig) -> dict[str, float]:
-    task.module.train()
+def _first_non_finite(losses: dict[str, float]) -> tuple[str, float] | None:
+    return next(((name, v) for name, v in losses.items() if not math.isfinite(v)), None)
+
+
+def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, optimizer, scheduler, scaler, device,
+                    epoch: int, cfg: ExperimentConfig) -> dict[str, float]:
+    """One pass over this worker's shard. `model` is the optimised module, wrapped for data parallelism when
+    there are several workers. Loss metrics are this worker's means; img_per_s is the throughput of all."""
+    model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     use_amp = scaler.is_enabled()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
-                disable=None)  # a bar on a terminal; logs get one line per epoch instead
+                disable=None if distributed.rank() == 0 else True)  # a bar on a terminal, from one worker
     for step, (images, targets) in enumerate(bar):
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, enabled=use_amp):
-            losses = task.module(images, targets)
+            losses = model(images, targets)
         total = sum(losses.values())
-        for name, value in {"loss": total, **losses}.items():
-            v = float(value.detach())
-            if not math.isfinite(v):
-                raise NonFiniteLoss(epoch, step, name, v)
+        values = {name: float(value.detach()) for name, value in {"loss": total, **losses}.items()}
+        bad = _first_non_finite(values)
+        # Every worker must stop at the same step, or the others would wait forever in the next all-reduce.
+        if distributed.any_worker(bad is not None, device):
+            term, value = next(b for b in distributed.gather([bad]) if b is not None)
+            raise NonFiniteLoss(epoch, step, term, value)
+        for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         if cfg.train.clip_grad_norm is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(task.params, cfg.train.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -109,54 +114,60 @@ def train_one_epoch(task: Task, loader: DataLoader, optimizer, scheduler, scaler
     steps = max(1, len(loader))
     metrics = {name: total / steps for name, total in sums.items()}
     metrics["lr"] = optimizer.param_groups[0]["lr"]
-    metrics["img_per_s"] = seen / (time.perf_counter() - start)
+    metrics["img_per_s"] = distributed.world_size() * seen / (time.perf_counter() - start)
     return metrics
 
 
 def run_eval(task: Task, val_ds: CocoDetection, device, batch_size: int) -> dict[str, float]:
+    """COCO metrics of the deployed model (and of any extra detector), over all workers' shards."""
     metrics = evaluate(task.deploy, val_ds, device, batch_size)
     if task.extra_eval is not None:
         metrics.update(task.extra_eval(val_ds))
     return metrics
 
 
-def fit(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
-        resume: bool = False) -> dict:
-    """Train for cfg.train.epochs, evaluating and checkpointing each epoch. Returns the metrics of the last one.
+def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
+           state: dict | None = None) -> Iterator[tuple[dict, dict]]:
+    """Train from `state` (a resume state, or None for a fresh start) to cfg.train.epochs, evaluating every
+    cfg.train.eval_every epochs. Yields (metrics, resume state) after each epoch; the caller saves them.
 
-    Files in cfg.run_dir: config.yaml, model.pth (deployable weights), resume.pth (full state), metrics.json.
+    The global batch cfg.train.batch_size is split over the workers; with several, the module is wrapped in
+    DistributedDataParallel and each worker draws its own shard of every epoch.
     """
-    run_dir = Path(cfg.run_dir)
-    batch = cfg.train.batch_size
-    iters_per_epoch = math.ceil(len(train_ds) / batch)
-    optimizer = build_optimizer(task.params, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch)
+    world = distributed.world_size()
+    batch = cfg.train.batch_size // world
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True,
+                                 seed=cfg.seed)
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, math.ceil(len(sampler) / batch))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
     start_epoch, history = 0, []
-    if resume:
-        state = checkpoint.load(run_dir / checkpoint.RESUME, "resume state")
+    if state is not None:
         task.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        log.info("resuming %s after epoch %d", cfg.name, start_epoch)
+    model = task.module
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(task.module, device_ids=ids, **task.ddp_kwargs)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        generator = seed_epoch(cfg.seed, epoch)
-        loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate,
+        seed_epoch(cfg.seed, epoch, distributed.rank())
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, collate_fn=collate,
                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
         metrics = {"epoch": epoch + 1}
-        metrics.update(train_one_epoch(task, loader, optimizer, scheduler, scaler, device, epoch, cfg))
+        metrics.update(train_one_epoch(model, params, loader, optimizer, scheduler, scaler, device, epoch, cfg))
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             metrics.update(run_eval(task, val_ds, device, batch))
         history.append(metrics)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        checkpoint.atomic_save(task.deploy.state_dict(), run_dir / checkpoint.WEIGHTS)
-        checkpoint.atomic_save({"model": task.module.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                "epoch": epoch + 1, "history": history}, run_dir / checkpoint.RESUME)
-        (run_dir / "metrics.json").write_text(json.dumps({"history": history, "final": history[-1]}, indent=1))
-    return history[-1] if history else {}
+        if distributed.rank() == 0:
+            log.info("epoch %d: %s", epoch + 1,
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        yield metrics, {"model": task.module.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "epoch": epoch + 1, "history": history}

@@ -13,6 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from dist2.data.coco import CocoDetection, collate
+from dist2 import distributed
 
 # COCOeval.stats[0:6], in this order.
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
@@ -54,11 +55,19 @@ def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batc
     return results
 
 
+def evaluate_detections(detect: Callable, dataset: CocoDetection, device: torch.device,
+                        batch_size: int = 8) -> dict[str, float]:
+    """COCO metrics of `detect(images)` on `dataset`. With several workers each predicts its own shard, the
+    predictions are gathered and COCOeval runs once, on rank 0: the numbers are those of one process."""
+    results = distributed.gather(predict(detect, dataset, device, batch_size, distributed.shard(len(dataset))))
+    return distributed.from_rank_zero(coco_metrics(dataset.coco, results) if distributed.rank() == 0 else None)
+
+
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8) -> dict:
     """mAP, AP50, AP75, APs, APm, APl (percent) of `model` on `dataset`."""
     was_training = model.training
     model.eval()
     try:
-        return coco_metrics(dataset.coco, predict(model, dataset, device, batch_size))
+        return evaluate_detections(model, dataset, device, batch_size)
     finally:
         model.train(was_training)

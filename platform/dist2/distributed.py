@@ -1,0 +1,48 @@
+"""The few collective operations the loop needs, written so that a single process (world size 1) needs none."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def shard(n: int) -> list[int]:
+    """This worker's indices of a dataset of n items: every item exactly once over all workers (a
+    DistributedSampler would pad with repeats, and a repeated image would count twice in COCO evaluation)."""
+    return list(range(rank(), n, world_size()))
+
+
+def gather(items: list) -> list:
+    """Concatenate every worker's list, in rank order (on every worker)."""
+    if world_size() == 1:
+        return items
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def from_rank_zero(obj: Any) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_worker(flag: bool, device: torch.device) -> bool:
+    """True on every worker when `flag` is true on any: workers must take the same branch before a collective."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

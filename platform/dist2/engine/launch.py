@@ -1,0 +1,225 @@
+"""Running an experiment: the driver that launches Ray Train workers, and what each worker does.
+
+Driver (`launch`): config -> run folder and MLflow run -> TorchTrainer -> final files and MLflow status.
+  - One worker with no cluster address runs in this process (Ray Train's local mode: no worker group, no
+    start-up cost). Otherwise the workers are a TorchTrainer worker group on a local Ray started for the run,
+    or on the cluster at --address / RAY_ADDRESS: gloo on CPU, NCCL on GPU.
+  - A run whose name has checkpoints under storage_path continues from the latest one (same MLflow run).
+Worker (`_worker`): build the task, restore the latest checkpoint, train; after each epoch rank 0 writes a
+checkpoint (model.pth, resume.pth, metrics.json) that `ray.train.report` persists, then logs the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from dist2 import distributed, tracking
+from dist2.config import ExperimentConfig, flatten
+from dist2.engine import checkpoint
+from dist2.engine.distill import build_distill_task
+from dist2.engine.loop import NonFiniteLoss, epochs, resolve_device
+from dist2.engine.train import build_train_task
+from dist2.errors import RunFailed, UserError
+
+log = logging.getLogger(__name__)
+
+TASKS = {"train": build_train_task, "distill": build_distill_task}
+METRICS = "metrics.json"  # {"history": [per-epoch metrics], "final": {...}, "mlflow_run_id": ...}
+OBJECT_STORE_BYTES = 256 * 2**20  # the local Ray's object store: the workers pass almost nothing through it
+
+
+# ---------------------------------------------------------------- worker side
+
+def _write_checkpoint(folder: Path, task, state: dict, run_id: str) -> None:
+    checkpoint.atomic_save(task.deploy.state_dict(), folder / checkpoint.WEIGHTS)
+    checkpoint.atomic_save(state, folder / checkpoint.RESUME)
+    history = state["history"]
+    (folder / METRICS).write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id},
+                                             indent=1))
+
+
+def _restore(job: dict) -> dict | None:
+    import ray.train
+
+    latest = ray.train.get_checkpoint()  # after a worker-group restart, or a Ray run of the same name
+    if latest is not None:
+        with latest.as_directory() as folder:
+            return checkpoint.load(Path(folder) / checkpoint.RESUME, "resume state")
+    if job["resume_from"]:
+        return checkpoint.load(Path(job["resume_from"]) / checkpoint.RESUME, "resume state")
+    return None
+
+
+def _prune(run_storage: Path, keep: int) -> None:
+    for old in sorted(run_storage.glob("epoch_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _worker(job: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(job["cfg"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = ray.train.torch.get_device() if job["use_gpu"] and not job["local"] else \
+        resolve_device(cfg.train.device)
+    rank = distributed.rank()
+    logger = tracking.EpochLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
+    if logger is not None and not job["local"]:
+        nodes = distributed.gather([ray.get_runtime_context().get_node_id()])
+        logger.set_tags({"dist2.world_size": str(len(nodes)), "dist2.nodes": str(len(set(nodes)))})
+    elif not job["local"]:
+        distributed.gather([ray.get_runtime_context().get_node_id()])
+    try:
+        task, train_ds, val_ds = TASKS[job["kind"]](cfg, device)
+        for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _restore(job)):
+            name = f"epoch_{state['epoch']:04d}"
+            folder = None
+            if rank == 0:
+                folder = Path(job["run_storage"]) / name if job["local"] else Path(tempfile.mkdtemp())
+                _write_checkpoint(folder, task, state, job["run_id"])
+            ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+            if rank == 0:
+                if job["local"]:  # local mode persists nothing itself: the run folder is the storage
+                    _prune(Path(job["run_storage"]), cfg.ray.num_to_keep)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+                logger.log(metrics)
+    except (NonFiniteLoss, UserError) as exc:
+        # Every worker meets these at the same point (workers agree on a non-finite loss before stopping), so
+        # every worker reports: a failure retried by Ray would only fail again.
+        failure = {"failure": str(exc), "failure_kind": "config" if isinstance(exc, UserError) else "loss"}
+        if isinstance(exc, NonFiniteLoss):
+            failure.update(failure_term=exc.term, failure_epoch=exc.epoch + 1, failure_step=exc.step)
+        ray.train.report(failure)
+
+
+# ---------------------------------------------------------------- driver side
+
+def _latest_checkpoint(run_storage: Path | None) -> Path | None:
+    found = sorted(run_storage.glob(f"epoch_*/{METRICS}")) if run_storage is not None else []
+    return found[-1].parent if found else None
+
+
+def _check_same_experiment(cfg: ExperimentConfig, saved: Path) -> None:
+    """Continuing a run is only allowed with the same experiment: its schedule length and its resources may
+    change, nothing else."""
+    if not saved.is_file():
+        return
+    before = flatten(ExperimentConfig.model_validate(yaml.safe_load(saved.read_text())))
+    now = flatten(cfg)
+    free = ("train.epochs", "ray.", "train.lr_steps")
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and not k.startswith(free))
+    if changed:
+        raise UserError(f"{cfg.name}: a run of this name exists in {cfg.run_dir} with a different config "
+                        f"({', '.join(changed[:8])}); pick another name or delete that folder")
+
+
+def _start_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                 log_to_driver=True)
+
+
+def _scaling(cfg: ExperimentConfig, local: bool):
+    """(ScalingConfig, torch threads per worker)."""
+    import ray
+    from ray.train import ScalingConfig
+
+    if local:
+        return ScalingConfig(num_workers=0), None
+    use_gpu = cfg.ray.use_gpu
+    if use_gpu is None:
+        use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and
+                                                 ray.cluster_resources().get("GPU", 0) > 0)
+    resources = cfg.ray.resources_per_worker
+    if resources is None and not use_gpu:
+        # Share this cluster's CPUs out: each worker gets as many torch threads as CPUs.
+        resources = {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.ray.num_workers)}
+    threads = int(resources["CPU"]) if resources and "CPU" in resources else None
+    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources), threads
+
+
+def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None = None,
+           tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict:
+    """Run (or continue) the experiment; returns its final metrics. Files: cfg.run_dir/{config.yaml,
+    model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.absolute()})
+    storage_is_local = "://" not in cfg.storage_path
+    run_storage = Path(cfg.storage_path).absolute() / cfg.name if storage_is_local else None
+    local = address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray.num_workers == 1 and storage_is_local
+    _check_same_experiment(cfg, cfg.run_dir / "config.yaml")
+    latest = _latest_checkpoint(run_storage)
+    previous = json.loads((latest / METRICS).read_text()) if latest else None
+    if previous and previous["final"]["epoch"] >= cfg.train.epochs:
+        raise UserError(f"{cfg.name}: this run already finished its {cfg.train.epochs} epochs ({cfg.run_dir}); "
+                        "pick another name, delete that folder, or raise train.epochs to continue it")
+    uri = tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir)
+    run_id = tracking.open_run(uri, cfg, kind, previous and previous["mlflow_run_id"], experiment,
+                               {"dist2.config": str(source)})
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
+                                                            sort_keys=False))
+    if previous:
+        log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
+    if not local:
+        _start_ray(address)
+    scaling, threads = _scaling(cfg, local)
+    job = {"cfg": cfg.model_dump(mode="json", by_alias=True), "kind": kind, "local": local,
+           "use_gpu": scaling.use_gpu, "threads": threads, "tracking_uri": uri, "run_id": run_id,
+           "run_storage": str(run_storage) if run_storage else None, "resume_from": str(latest) if latest else None}
+    trainer = TorchTrainer(
+        _worker, train_loop_config=job, scaling_config=scaling,
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        _close_failed(uri, run_id, run_storage, {"dist2.failure": str(exc)[:4000]})
+        raise RunFailed(f"{cfg.name}: training failed: {str(exc).splitlines()[0]}") from None
+    except KeyboardInterrupt:
+        _close_failed(uri, run_id, run_storage, {"dist2.failure": "interrupted"}, status="KILLED")
+        raise
+    outcome = result.metrics or {}
+    if outcome.get("failure_kind") == "config" and previous is None:
+        tracking.delete_run(uri, run_id)
+        raise UserError(outcome["failure"])
+    if "failure" in outcome:
+        tags = {f"dist2.{k}": str(v) for k, v in outcome.items() if k.startswith("failure")}
+        _close_failed(uri, run_id, run_storage, tags)
+        raise RunFailed(f"{cfg.name}: stopped: {outcome['failure']}")
+    with result.checkpoint.as_directory() as folder:
+        for name in (checkpoint.WEIGHTS, checkpoint.RESUME, METRICS):
+            shutil.copyfile(Path(folder) / name, cfg.run_dir / name)
+    final = json.loads((cfg.run_dir / METRICS).read_text())
+    artifacts = [source, cfg.run_dir / "config.yaml", cfg.run_dir / checkpoint.WEIGHTS, cfg.run_dir / METRICS]
+    tracking.close_run(uri, run_id, final["history"], artifacts)
+    return final["final"]
+
+
+def _close_failed(uri: str, run_id: str, run_storage: Path | None, tags: dict, status: str = "FAILED") -> None:
+    latest = _latest_checkpoint(run_storage)
+    history = json.loads((latest / METRICS).read_text())["history"] if latest else []
+    tracking.close_run(uri, run_id, history, [], status=status, tags=tags)

@@ -1,0 +1,128 @@
+"""MLflow: every dist2 run is exactly one MLflow run.
+
+The driver opens the run (params = the flattened config, keys as in the YAML; tags), or reopens it when a run
+is resumed (its id is kept in the run folder and in each checkpoint); rank 0 logs each epoch's metrics while
+training; the driver fills in any epoch a tracking outage made it miss, logs the artifacts and closes the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from dist2.config import ExperimentConfig, flatten
+from dist2.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "dist2"
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: Path) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else an SQLite store beside the runs. SQLite paths are made
+    absolute: a Ray job runs in a temporary working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).absolute() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        uri = f"sqlite:///{path.absolute()}"
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    elif "://" not in uri:
+        raise UserError(f"tracking URI {uri!r}: give sqlite:///PATH or a server's http(s)://HOST:PORT")
+    return uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """An embedded store keeps artifacts beside its database (MLflow would default to ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+def _quick_client(uri: str) -> MlflowClient:
+    # MLflow's default retries a dead server for minutes; a run must fail (or warn) fast instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return MlflowClient(uri)
+
+
+def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, experiment: str,
+             extra_tags: dict[str, str]) -> str:
+    """Start the MLflow run of `cfg` (or mark a resumed one running again). Raises UserError, before any
+    training, when the tracking server cannot be reached."""
+    client = _quick_client(uri)
+    try:
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=_artifact_root(uri))
+        tags = {"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
+        run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
+        params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run.info.run_id
+    except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "no usable tracking store"
+        raise UserError(f"MLflow tracking store {uri} is not usable ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0][:300]}); start it, or pass --tracking-uri") from None
+
+
+def _metrics(record: dict, step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in record.items() if isinstance(v, (int, float))]
+
+
+class EpochLogger:
+    """Rank 0's per-epoch logging. An unreachable server warns and keeps the epoch for the next try; an epoch
+    that is already in the run (logged before a worker failure sent training back a checkpoint) is skipped."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.uri, self.run_id = _quick_client(uri), uri, run_id
+        self.pending: list[dict] = []
+        try:
+            self.logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
+        except Exception:
+            self.logged = set()  # the driver fills in what is missing at the end
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as exc:
+            log.warning("MLflow %s unreachable (%s); tags %s not logged", self.uri, exc.__class__.__name__, tags)
+
+    def log(self, record: dict) -> None:
+        if record["epoch"] not in self.logged:
+            self.pending.append(record)
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=_metrics(self.pending[0], self.pending[0]["epoch"]))
+                self.logged.add(self.pending.pop(0)["epoch"])
+        except Exception as exc:
+            log.warning("MLflow %s unreachable (%s); %d epoch(s) of metrics kept, retried next epoch and at the "
+                        "end of the run", self.uri, exc.__class__.__name__, len(self.pending))
+
+
+def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path], status: str = "FINISHED",
+              tags: dict[str, str] | None = None) -> None:
+    """Log every epoch of `history` the run is missing, the artifacts and tags, and set the final status."""
+    client = MlflowClient(uri)  # MLflow's own patient retries: this is the last chance to record the run
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    for record in history:
+        if record["epoch"] not in logged:
+            client.log_batch(run_id, metrics=_metrics(record, record["epoch"]))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    """A run that never trained (a configuration mistake found by the workers) leaves no MLflow run behind."""
+    MlflowClient(uri).delete_run(run_id)
