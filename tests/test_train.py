@@ -12,7 +12,10 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(tmp_path, synth_r
     result = run_cli("train", cfg_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "tiny"
-    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "model.pth", "resume.pth", "metrics.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "model.pth", "resume.pth", "metrics.json",
+                                                  "epoch_0001", "epoch_0002"}
+    assert {p.name for p in (run_dir / "epoch_0002").iterdir()} == {"config.yaml", "model.pth", "resume.pth",
+                                                                   "metrics.json"}
     history = read_json(run_dir / "metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:
@@ -37,14 +40,15 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(tmp_path, synth_r
     assert metrics["mAP"] == pytest.approx(history[-1]["mAP"], abs=1e-9)
 
 
-def test_resume_continues_exactly(tmp_path, synth_root):
-    """One epoch, stop, --resume for the second == two epochs in one go, to the bit."""
+def test_a_run_of_the_same_name_continues_exactly(tmp_path, synth_root):
+    """One epoch, stop, start the same run again for two == two epochs in one go, to the bit."""
     straight = write_config(tmp_path / "straight.yaml", tiny_config(tmp_path, synth_root, name="straight"))
     assert run_cli("train", straight).returncode == 0
     broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken"))
     assert run_cli("train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]").returncode == 0
-    result = run_cli("train", broken, "--resume")
+    result = run_cli("train", broken)
     assert result.returncode == 0, result.stderr
+    assert "continuing after epoch 1 of 2" in result.stderr
     a = torch.load(tmp_path / "runs/straight/model.pth", weights_only=True)
     b = torch.load(tmp_path / "runs/broken/model.pth", weights_only=True)
     assert a.keys() == b.keys()
@@ -54,11 +58,17 @@ def test_resume_continues_exactly(tmp_path, synth_root):
     hb = read_json(tmp_path / "runs/broken/metrics.json")["history"]
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
+    # A finished run is not run again, nor continued with a different experiment: exit 2, nothing touched.
+    before = (tmp_path / "runs/broken/model.pth").read_bytes()
+    result = run_cli("train", broken)
+    assert result.returncode == 2 and "already finished its 2 epochs" in result.stderr
+    result = run_cli("train", broken, "--set", "train.epochs=3", "--set", "train.lr=0.5")
+    assert result.returncode == 2 and "with a different config (train.lr)" in result.stderr
+    assert (tmp_path / "runs/broken/model.pth").read_bytes() == before
 
-def test_resume_without_state_and_bad_checkpoint(tmp_path, synth_root):
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
-    result = run_cli("train", cfg_path, "--resume")
-    assert result.returncode == 2 and "resume.pth: resume state not found" in result.stderr
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     result = run_cli("eval", cfg_path, "--checkpoint", junk)
@@ -75,7 +85,7 @@ def test_training_learns(tmp_path, synth_root, detector):
     """Overfitting a handful of images must drive mAP on them well above chance: labels, boxes, category
     mapping and evaluation all have to be right for that."""
     from dist2.data.build import build_datasets
-    from dist2.engine.loop import Task, fit
+    from dist2.engine.loop import Task, epochs
 
     raw = tiny_config(tmp_path, synth_root, model={"detector": detector},
                       data={"hflip_prob": 0.0, "val_annotations": "annotations/instances_train.json",
@@ -92,6 +102,6 @@ def test_training_learns(tmp_path, synth_root, detector):
     val_ds.coco.createIndex()
     torch.manual_seed(0)
     model = build_detector(cfg.model, cfg.data, train_ds.categories)
-    metrics = fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": 30})}),
-                  Task(model, model), train_ds, val_ds, torch.device("cpu"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": 30})})
+    *_, (metrics, _) = epochs(cfg, Task(model, model), train_ds, val_ds, torch.device("cpu"))
     assert metrics["AP50"] > 30, metrics

@@ -32,18 +32,21 @@ from dist2.errors import RunFailed, UserError
 log = logging.getLogger(__name__)
 
 TASKS = {"train": build_train_task, "distill": build_distill_task}
+CONFIG = "config.yaml"  # the experiment as it ran (overrides applied)
 METRICS = "metrics.json"  # {"history": [per-epoch metrics], "final": {...}, "mlflow_run_id": ...}
 OBJECT_STORE_BYTES = 256 * 2**20  # the local Ray's object store: the workers pass almost nothing through it
 
 
 # ---------------------------------------------------------------- worker side
 
-def _write_checkpoint(folder: Path, task, state: dict, run_id: str) -> None:
+def _write_checkpoint(folder: Path, task, state: dict, job: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(yaml.safe_dump(job["cfg"], sort_keys=False))
     checkpoint.atomic_save(task.deploy.state_dict(), folder / checkpoint.WEIGHTS)
     checkpoint.atomic_save(state, folder / checkpoint.RESUME)
     history = state["history"]
-    (folder / METRICS).write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id},
-                                             indent=1))
+    (folder / METRICS).write_text(json.dumps({"history": history, "final": history[-1],
+                                              "mlflow_run_id": job["run_id"]}, indent=1))
 
 
 def _restore(job: dict) -> dict | None:
@@ -86,7 +89,7 @@ def _worker(job: dict) -> None:
             folder = None
             if rank == 0:
                 folder = Path(job["run_storage"]) / name if job["local"] else Path(tempfile.mkdtemp())
-                _write_checkpoint(folder, task, state, job["run_id"])
+                _write_checkpoint(folder, task, state, job)
             ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
             if rank == 0:
@@ -111,10 +114,11 @@ def _latest_checkpoint(run_storage: Path | None) -> Path | None:
     return found[-1].parent if found else None
 
 
-def _check_same_experiment(cfg: ExperimentConfig, saved: Path) -> None:
+def _check_same_experiment(cfg: ExperimentConfig, latest: Path | None) -> None:
     """Continuing a run is only allowed with the same experiment: its schedule length and its resources may
     change, nothing else."""
-    if not saved.is_file():
+    saved = latest / CONFIG if latest else None
+    if saved is None or not saved.is_file():
         return
     before = flatten(ExperimentConfig.model_validate(yaml.safe_load(saved.read_text())))
     now = flatten(cfg)
@@ -169,8 +173,8 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
     storage_is_local = "://" not in cfg.storage_path
     run_storage = Path(cfg.storage_path).absolute() / cfg.name if storage_is_local else None
     local = address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray.num_workers == 1 and storage_is_local
-    _check_same_experiment(cfg, cfg.run_dir / "config.yaml")
     latest = _latest_checkpoint(run_storage)
+    _check_same_experiment(cfg, latest)
     previous = json.loads((latest / METRICS).read_text()) if latest else None
     if previous and previous["final"]["epoch"] >= cfg.train.epochs:
         raise UserError(f"{cfg.name}: this run already finished its {cfg.train.epochs} epochs ({cfg.run_dir}); "
@@ -178,9 +182,6 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
     uri = tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir)
     run_id = tracking.open_run(uri, cfg, kind, previous and previous["mlflow_run_id"], experiment,
                                {"dist2.config": str(source)})
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
-                                                            sort_keys=False))
     if previous:
         log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
     if not local:
@@ -204,17 +205,21 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
         raise
     outcome = result.metrics or {}
     if outcome.get("failure_kind") == "config" and previous is None:
+        # A mistake the workers found before training (e.g. the teacher guard): leave nothing behind.
         tracking.delete_run(uri, run_id)
+        if run_storage is not None:
+            shutil.rmtree(run_storage, ignore_errors=True)
         raise UserError(outcome["failure"])
     if "failure" in outcome:
         tags = {f"dist2.{k}": str(v) for k, v in outcome.items() if k.startswith("failure")}
         _close_failed(uri, run_id, run_storage, tags)
         raise RunFailed(f"{cfg.name}: stopped: {outcome['failure']}")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
-        for name in (checkpoint.WEIGHTS, checkpoint.RESUME, METRICS):
+        for name in (CONFIG, checkpoint.WEIGHTS, checkpoint.RESUME, METRICS):
             shutil.copyfile(Path(folder) / name, cfg.run_dir / name)
     final = json.loads((cfg.run_dir / METRICS).read_text())
-    artifacts = [source, cfg.run_dir / "config.yaml", cfg.run_dir / checkpoint.WEIGHTS, cfg.run_dir / METRICS]
+    artifacts = [source, cfg.run_dir / CONFIG, cfg.run_dir / checkpoint.WEIGHTS, cfg.run_dir / METRICS]
     tracking.close_run(uri, run_id, final["history"], artifacts)
     return final["final"]
 
