@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _isolated_cache(tmp_path_factory):
     # Generated datasets go to a per-session cache, never the user's ~/.cache.
     os.environ["DIST2_CACHE"] = str(tmp_path_factory.mktemp("dist2-cache"))
+    # The local Ray clusters the tests start (in-process and through the CLI) run without token auth.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,16 @@ def tiny_config(tmp_path: Path, synth_root: Path, **sections) -> dict:
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def distill_config(tmp_path: Path, synth_root: Path, teacher_yaml: Path, checkpoint: Path, **distill) -> dict:
+    """A CPU-sized distillation config (a MobileNetV2 student) for the teacher trained from teacher_yaml."""
+    cfg = tiny_config(tmp_path, synth_root, name="student_di",
+                      model={"backbone": "mobilenet_v2", "width_mult": 0.5, "channels": 32},
+                      train={"epochs": 1, "lr_steps": []})
+    cfg["teacher"] = {"config": str(teacher_yaml), "checkpoint": str(checkpoint), "min_mAP": 0.0}
+    cfg["distill"] = {"method": "dist2", "strategies": ["N2N", "B2N"], **distill}
     return cfg
 
 

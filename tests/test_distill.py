@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import read_json, run_cli, tiny_config, write_config
+from conftest import distill_config, read_json, run_cli, tiny_config, write_config
 from dist2.config import STRATEGIES, DataConfig, DistillConfig, ModelConfig, NonLocalConfig
 from dist2.data.build import build_datasets
 from dist2.distill.distiller import Distiller
@@ -174,21 +174,12 @@ def test_baseline_losses_zero_for_identical_features_positive_otherwise(name):
     assert all(v.item() > 1e-4 for v in other.values()), other
 
 
-def _distill_config(tmp_path, synth_root, teacher_yaml, checkpoint, **distill):
-    cfg = tiny_config(tmp_path, synth_root, name="student_di",
-                      model={"backbone": "mobilenet_v2", "width_mult": 0.5, "channels": 32},
-                      train={"epochs": 1, "lr_steps": []})
-    cfg["teacher"] = {"config": str(teacher_yaml), "checkpoint": str(checkpoint), "min_mAP": 0.0}
-    cfg["distill"] = {"method": "dist2", "strategies": ["N2N", "B2N"], **distill}
-    return cfg
-
-
 def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
     teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher",
                                                                        train={"epochs": 1, "lr_steps": []}))
     assert run_cli("train", teacher_yaml).returncode == 0
     checkpoint = tmp_path / "runs/teacher/model.pth"
-    cfg_path = write_config(tmp_path / "d.yaml", _distill_config(tmp_path, synth_root, teacher_yaml, checkpoint))
+    cfg_path = write_config(tmp_path / "d.yaml", distill_config(tmp_path, synth_root, teacher_yaml, checkpoint))
 
     result = run_cli("distill", cfg_path, "--set", "teacher.min_mAP=99")
     assert result.returncode == 2 and "below teacher.min_mAP = 99.0" in result.stderr
@@ -232,7 +223,7 @@ def test_distill_config_errors(tmp_path, synth_root):
     from dist2.errors import UserError
 
     teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher"))
-    cfg_path = write_config(tmp_path / "d.yaml", _distill_config(tmp_path, synth_root, teacher_yaml, "x.pth"))
+    cfg_path = write_config(tmp_path / "d.yaml", distill_config(tmp_path, synth_root, teacher_yaml, "x.pth"))
     for override, message in [("distill.method=hint", "the hint baseline is defined at N2N only"),
                               ("distill.strategies=[N2N, N2N]", "lists a strategy twice"),
                               ("distill.strategies=[X2Y]", "distill.strategies.0"),

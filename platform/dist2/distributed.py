@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,10 +17,13 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
-def shard(n: int) -> list[int]:
-    """This worker's indices of a dataset of n items: every item exactly once over all workers (a
-    DistributedSampler would pad with repeats, and a repeated image would count twice in COCO evaluation)."""
-    return list(range(rank(), n, world_size()))
+def shard(n: int, block: int = 1) -> list[int]:
+    """This worker's indices of a dataset of n items, dealt out in blocks of `block` consecutive items: every
+    item exactly once over all workers (a DistributedSampler would pad with repeats, and a repeated image would
+    count twice in COCO evaluation). With block = the batch size, every batch is the one a single process
+    would form, so batched inference (padding included) gives exactly the single-process result."""
+    blocks = range(rank(), math.ceil(n / block), world_size())
+    return [i for b in blocks for i in range(b * block, min(n, (b + 1) * block))]
 
 
 def gather(items: list) -> list:

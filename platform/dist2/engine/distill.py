@@ -84,7 +84,7 @@ def build_distill_task(cfg: ExperimentConfig, device):
         adapter = distiller.adapters["N2N"] if "N2N" in distiller.adapters else \
             fit_linear_probe(student, teacher, train_ds, device)
         return {"teacher_head_mAP": teacher_head_map(student, teacher, adapter, dataset, device,
-                                                     cfg.train.batch_size // cfg.ray.num_workers)}
+                                                     cfg.train.batch_size)}
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.
     task = Task(module=distiller, deploy=student, extra_eval=extra_eval,

@@ -163,7 +163,7 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
         metrics = {"epoch": epoch + 1}
         metrics.update(train_one_epoch(model, params, loader, optimizer, scheduler, scaler, device, epoch, cfg))
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(run_eval(task, val_ds, device, batch))
+            metrics.update(run_eval(task, val_ds, device, cfg.train.batch_size))
         history.append(metrics)
         if distributed.rank() == 0:
             log.info("epoch %d: %s", epoch + 1,

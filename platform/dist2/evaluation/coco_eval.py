@@ -57,9 +57,11 @@ def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batc
 
 def evaluate_detections(detect: Callable, dataset: CocoDetection, device: torch.device,
                         batch_size: int = 8) -> dict[str, float]:
-    """COCO metrics of `detect(images)` on `dataset`. With several workers each predicts its own shard, the
-    predictions are gathered and COCOeval runs once, on rank 0: the numbers are those of one process."""
-    results = distributed.gather(predict(detect, dataset, device, batch_size, distributed.shard(len(dataset))))
+    """COCO metrics of `detect(images)` on `dataset`. With several workers each predicts its own shard of whole
+    batches, the predictions are gathered and COCOeval runs once, on rank 0: the numbers are exactly those of
+    one process with the same batch size."""
+    indices = distributed.shard(len(dataset), batch_size)
+    results = distributed.gather(predict(detect, dataset, device, batch_size, indices))
     return distributed.from_rank_zero(coco_metrics(dataset.coco, results) if distributed.rank() == 0 else None)
 
 

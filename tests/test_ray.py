@@ -1,0 +1,192 @@
+"""Runs on Ray Train (real local clusters, gloo on CPU) with a real MLflow store and a real `mlflow server`."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import distill_config, read_json, run_cli, tiny_config, write_config
+from dist2.config import load_config
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, synth_root):
+    """A tiny FCOS teacher, trained for one epoch in-process: (its YAML, its model.pth)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    path = write_config(tmp / "teacher.yaml", tiny_config(tmp, synth_root, name="teacher",
+                                                          train={"epochs": 1, "lr_steps": []}))
+    result = run_cli("train", path)
+    assert result.returncode == 0, result.stderr
+    return path, tmp / "runs/teacher/model.pth"
+
+
+def _store(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path / 'runs/mlflow.db'}")
+
+
+def _only_run(client: MlflowClient, experiment: str = "dist2"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def _epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+
+
+def test_two_worker_distillation_is_one_mlflow_run_and_evaluates_like_one_process(tmp_path, synth_root, teacher):
+    cfg = distill_config(tmp_path, synth_root, *teacher, train={"epochs": 2, "lr_steps": []},
+                         model={"score_thresh": 0.001})
+    cfg_path = write_config(tmp_path / "d.yaml", cfg)
+    result = run_cli("distill", cfg_path, "--num-workers", "2")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs/student_di"
+    history = read_json(run_dir / "metrics.json")["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+    run = _only_run(_store(tmp_path))
+    client = _store(tmp_path)
+    assert run.info.status == "FINISHED" and run.info.run_name == "student_di"
+    assert run.data.params["distill.strategies"] == "['N2N', 'B2N']" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.tags["dist2.world_size"] == "2" and run.data.tags["dist2.kind"] == "distill"
+    assert _epochs_logged(client, run.info.run_id) == [1, 2]
+    for key in ("loss_di/N2N", "loss_fi/B2N", "loss_det/classification", "lr", "img_per_s", "mAP", "AP50",
+                "teacher_head_mAP"):
+        assert run.data.metrics[key] == pytest.approx(history[-1][key], nan_ok=True), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"d.yaml", "config.yaml", "model.pth", "metrics.json"}
+
+    # The workers' sharded evaluation (predictions gathered, COCOeval once) == one process on the checkpoint.
+    out = tmp_path / "single.json"
+    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head", "--json", out)
+    assert result.returncode == 0, result.stderr
+    single = read_json(out)
+    assert single["mAP"] > 0  # a meaningful comparison: the low score threshold keeps detections
+    for key, value in single.items():
+        assert value == pytest.approx(history[-1][key], abs=1e-9) if value is not None else \
+            history[-1][key] != history[-1][key], key
+
+
+def _ray_worker_pids(root: int) -> list[int]:
+    """The Ray Train worker processes started under process `root` (Linux /proc; Ray titles them)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            try:
+                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_with_every_epoch_logged_once(tmp_path, synth_root):
+    cfg = tiny_config(tmp_path, synth_root, train={"epochs": 6, "lr_steps": []},
+                      ray={"num_workers": 2, "max_failures": 1})
+    cfg_path = write_config(tmp_path / "tiny.yaml", cfg)
+    driver = subprocess.Popen([sys.executable, "-m", "dist2", "train", str(cfg_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "runs/tiny/epoch_0001/metrics.json"
+    deadline = time.time() + 300
+    while not first.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    victims = _ray_worker_pids(driver.pid)
+    assert len(victims) == 2, victims
+    os.kill(victims[0], signal.SIGKILL)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output
+    history = read_json(tmp_path / "runs/tiny/metrics.json")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    client = _store(tmp_path)
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    assert _epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_server_unreachable_then_real(tmp_path, synth_root):
+    cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root,
+                                                                train={"epochs": 1, "lr_steps": []}))
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    result = run_cli("train", cfg_path, "--tracking-uri", uri)
+    assert result.returncode == 2, result.stderr
+    assert f"MLflow tracking store {uri} is not usable" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs/tiny").exists()  # no training happened
+
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        result = run_cli("train", cfg_path, "--tracking-uri", uri, "--experiment", "served")
+        assert result.returncode == 0, result.stderr
+        run = _only_run(client, "served")
+        assert run.info.status == "FINISHED" and _epochs_logged(client, run.info.run_id) == [1]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pth", "metrics.json"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root):
+    cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(
+        tmp_path, synth_root, train={"epochs": 2, "lr_steps": [], "lr": 1.0e6, "warmup_iters": 0,
+                                     "clip_grad_norm": None}))
+    result = run_cli("train", cfg_path)
+    assert result.returncode == 1, result.stderr
+    assert "stopped: loss term" in result.stderr and "Traceback" not in result.stderr
+    run = _only_run(_store(tmp_path))
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["dist2.failure_term"] in {"loss", "classification", "bbox_regression", "bbox_ctrness"}
+    assert int(tags["dist2.failure_epoch"]) >= 1 and int(tags["dist2.failure_step"]) >= 0
+    assert tags["dist2.failure_term"] in tags["dist2.failure"]
+
+
+def test_two_node_cluster_runs_one_worker_per_node(tmp_path, synth_root):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    try:
+        cfg = tiny_config(tmp_path, synth_root, train={"epochs": 1, "lr_steps": []}, ray={"num_workers": 2})
+        result = run_cli("train", write_config(tmp_path / "tiny.yaml", cfg), "--address", cluster.address)
+        assert result.returncode == 0, result.stderr
+    finally:
+        cluster.shutdown()
+    run = _only_run(_store(tmp_path))
+    assert run.data.tags["dist2.world_size"] == "2" and run.data.tags["dist2.nodes"] == "2"
+    assert load_config(tmp_path / "runs/tiny/config.yaml").ray.num_workers == 2
+    assert torch.load(tmp_path / "runs/tiny/model.pth", weights_only=True)
