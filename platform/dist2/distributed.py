@@ -50,3 +50,11 @@ def any_worker(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running statistics). DDP broadcasts them before each training
+    forward, so after the last step each worker holds its own update; evaluation must use the saved ones."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.device):
     """Build the teacher from its own experiment file, load its checkpoint (exact keys and shapes), and check its
-    val mAP against the floor: a teacher that silently failed to load must never be distilled from."""
+    val mAP against the floor: a teacher that silently failed to load must never be distilled from.
+    Returns (the frozen teacher, its val mAP)."""
     teacher_cfg = load_config(cfg.teacher.config)
     if teacher_cfg.model.detector != cfg.model.detector:
         raise UserError(f"teacher.config: {cfg.teacher.config} is a {teacher_cfg.model.detector} teacher but the "
@@ -39,7 +40,7 @@ def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.dev
                         f"teacher.min_mAP = {cfg.teacher.min_mAP}; is it the right checkpoint for "
                         f"{cfg.teacher.config}?")
     log.info("teacher %s: %.2f mAP on the val set", cfg.teacher.checkpoint, score)
-    return teacher
+    return teacher, score
 
 
 def _require_distill_sections(cfg: ExperimentConfig, what: str) -> None:
@@ -53,7 +54,7 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
     _require_distill_sections(cfg, "--teacher-head")
     device = resolve_device(cfg.train.device)
     train_ds, val_ds = build_datasets(cfg.data)
-    teacher = load_teacher(cfg, val_ds, device)
+    teacher, _ = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, val_ds.categories)
     load_weights(student, path)
     student.to(device)
@@ -76,7 +77,7 @@ def build_distill_task(cfg: ExperimentConfig, device):
     _require_distill_sections(cfg, "dist2 distill")
     seed_epoch(cfg.seed, -1)
     train_ds, val_ds = build_datasets(cfg.data)
-    teacher = load_teacher(cfg, val_ds, device)
+    teacher, teacher_map = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, train_ds.categories)
     distiller = Distiller(student, teacher, cfg.distill).to(device)
 
@@ -84,7 +85,8 @@ def build_distill_task(cfg: ExperimentConfig, device):
         adapter = distiller.adapters["N2N"] if "N2N" in distiller.adapters else \
             fit_linear_probe(student, teacher, train_ds, device)
         return {"teacher_head_mAP": teacher_head_map(student, teacher, adapter, dataset, device,
-                                                     cfg.train.batch_size)}
+                                                     cfg.train.batch_size),
+                "teacher_mAP": teacher_map}  # beside the student's, as the paper's tables show it
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.
     task = Task(module=distiller, deploy=student, extra_eval=extra_eval,

@@ -120,6 +120,7 @@ def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, op
 
 def run_eval(task: Task, val_ds: CocoDetection, device, batch_size: int) -> dict[str, float]:
     """COCO metrics of the deployed model (and of any extra detector), over all workers' shards."""
+    distributed.sync_buffers(task.module)
     metrics = evaluate(task.deploy, val_ds, device, batch_size)
     if task.extra_eval is not None:
         metrics.update(task.extra_eval(val_ds))
