@@ -84,6 +84,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.ray is not None:
+        from dist2.bench_ray import bench_ray
+
+        bench_ray(args.ray, epochs=args.epochs)
+        return 0
     if args.distill is not None:
         from dist2.bench_distill import bench_distill
 
@@ -144,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-scale", action="store_true", help="include the paper-scale models (batch 2)")
     p.add_argument("--distill", type=Path, metavar="CONFIG",
                    help="instead: time the parts of a distillation step for this distillation config")
+    p.add_argument("--ray", type=Path, metavar="CONFIG",
+                   help="instead: time this run in-process, on Ray Train local mode, and on 1 and 2 Ray workers")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of each --ray run (default 1)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,9 +1,9 @@
 """Running an experiment: the driver that launches Ray Train workers, and what each worker does.
 
 Driver (`launch`): config -> run folder and MLflow run -> TorchTrainer -> final files and MLflow status.
-  - One worker with no cluster address runs in this process (Ray Train's local mode: no worker group, no
-    start-up cost). Otherwise the workers are a TorchTrainer worker group on a local Ray started for the run,
-    or on the cluster at --address / RAY_ADDRESS: gloo on CPU, NCCL on GPU.
+  - One worker with no cluster address runs in this process, without Ray (no worker group: no start-up cost,
+    the run folder is the checkpoint storage). Otherwise the workers are a TorchTrainer worker group on a local
+    Ray started for the run, or on the cluster at --address / RAY_ADDRESS: gloo on CPU, NCCL on GPU.
   - A run whose name has checkpoints under storage_path continues from the latest one (same MLflow run).
 Worker (`_worker`): build the task, restore the latest checkpoint, train; after each epoch rank 0 writes a
 checkpoint (model.pth, resume.pth, metrics.json) that `ray.train.report` persists, then logs the metrics.
@@ -11,6 +11,7 @@ checkpoint (model.pth, resume.pth, metrics.json) that `ray.train.report` persist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 TASKS = {"train": build_train_task, "distill": build_distill_task}
 CONFIG = "config.yaml"  # the experiment as it ran (overrides applied)
 METRICS = "metrics.json"  # {"history": [per-epoch metrics], "final": {...}, "mlflow_run_id": ...}
+LOCAL_RAY_TRAIN_SETTINGS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 OBJECT_STORE_BYTES = 256 * 2**20  # the local Ray's object store: the workers pass almost nothing through it
 
 
@@ -50,12 +53,13 @@ def _write_checkpoint(folder: Path, task, state: dict, job: dict) -> None:
 
 
 def _restore(job: dict) -> dict | None:
-    import ray.train
+    if not job["local"]:
+        import ray.train
 
-    latest = ray.train.get_checkpoint()  # after a worker-group restart, or a Ray run of the same name
-    if latest is not None:
-        with latest.as_directory() as folder:
-            return checkpoint.load(Path(folder) / checkpoint.RESUME, "resume state")
+        latest = ray.train.get_checkpoint()  # after a worker-group restart, or a Ray run of the same name
+        if latest is not None:
+            with latest.as_directory() as folder:
+                return checkpoint.load(Path(folder) / checkpoint.RESUME, "resume state")
     if job["resume_from"]:
         return checkpoint.load(Path(job["resume_from"]) / checkpoint.RESUME, "resume state")
     return None
@@ -66,45 +70,52 @@ def _prune(run_storage: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _worker(job: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
+def _worker(job: dict) -> dict | None:
+    """One worker's run; returns a failure record ({"failure": reason, ...}) or None. In local mode it runs in
+    the driver's process and the run folder is the storage; in a worker group `ray.train.report` persists each
+    epoch's checkpoint (from rank 0) and is a barrier every worker passes."""
+    on_ray = not job["local"]
+    if on_ray:
+        import ray
+        import ray.train
+        import ray.train.torch
     cfg = ExperimentConfig.model_validate(job["cfg"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    device = ray.train.torch.get_device() if job["use_gpu"] and not job["local"] else \
-        resolve_device(cfg.train.device)
+    device = ray.train.torch.get_device() if on_ray and job["use_gpu"] else resolve_device(cfg.train.device)
     rank = distributed.rank()
     logger = tracking.EpochLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
-    if logger is not None and not job["local"]:
+    if on_ray:
         nodes = distributed.gather([ray.get_runtime_context().get_node_id()])
-        logger.set_tags({"dist2.world_size": str(len(nodes)), "dist2.nodes": str(len(set(nodes)))})
-    elif not job["local"]:
-        distributed.gather([ray.get_runtime_context().get_node_id()])
+        if logger is not None:
+            logger.set_tags({"dist2.world_size": str(len(nodes)), "dist2.nodes": str(len(set(nodes)))})
     try:
         task, train_ds, val_ds = TASKS[job["kind"]](cfg, device)
         for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _restore(job)):
             name = f"epoch_{state['epoch']:04d}"
             folder = None
             if rank == 0:
-                folder = Path(job["run_storage"]) / name if job["local"] else Path(tempfile.mkdtemp())
+                folder = Path(tempfile.mkdtemp()) if on_ray else Path(job["run_storage"]) / name
                 _write_checkpoint(folder, task, state, job)
-            ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=name)
+            if on_ray:
+                ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=name)
             if rank == 0:
-                if job["local"]:  # local mode persists nothing itself: the run folder is the storage
-                    _prune(Path(job["run_storage"]), cfg.ray.num_to_keep)
+                if on_ray:
+                    shutil.rmtree(folder, ignore_errors=True)  # persisted to storage_path by the report
                 else:
-                    shutil.rmtree(folder, ignore_errors=True)
-                logger.log(metrics)
+                    _prune(Path(job["run_storage"]), cfg.ray.num_to_keep)
+                logger.log(metrics)  # after the checkpoint: an epoch is never logged twice, see EpochLogger
     except (NonFiniteLoss, UserError) as exc:
         # Every worker meets these at the same point (workers agree on a non-finite loss before stopping), so
-        # every worker reports: a failure retried by Ray would only fail again.
+        # every worker reports and returns: Ray retrying a failure that would only happen again is avoided.
         failure = {"failure": str(exc), "failure_kind": "config" if isinstance(exc, UserError) else "loss"}
         if isinstance(exc, NonFiniteLoss):
             failure.update(failure_term=exc.term, failure_epoch=exc.epoch + 1, failure_step=exc.step)
-        ray.train.report(failure)
+        if on_ray:
+            ray.train.report(failure)
+        return failure
+    return None
 
 
 # ---------------------------------------------------------------- driver side
@@ -139,17 +150,19 @@ def _start_ray(address: str | None):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # A Ray just for this run: no preemption watcher (nothing preempts a laptop), no print patching (it
+        # defeats silencing pycocotools), and a faster controller poll so that the run ends sooner.
+        for key, value in LOCAL_RAY_TRAIN_SETTINGS.items():
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                  log_to_driver=True)
 
 
-def _scaling(cfg: ExperimentConfig, local: bool):
-    """(ScalingConfig, torch threads per worker)."""
+def _scaling(cfg: ExperimentConfig):
+    """(ScalingConfig, torch threads per worker) for a worker group on the connected cluster."""
     import ray
     from ray.train import ScalingConfig
 
-    if local:
-        return ScalingConfig(num_workers=0), None
     use_gpu = cfg.ray.use_gpu
     if use_gpu is None:
         use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and
@@ -162,13 +175,31 @@ def _scaling(cfg: ExperimentConfig, local: bool):
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources), threads
 
 
+def _fit_on_ray(cfg: ExperimentConfig, job: dict, address: str | None):
+    """Run `_worker` as a TorchTrainer worker group; returns (failure record or None, final checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    _start_ray(address)
+    scaling, threads = _scaling(cfg)
+    job = {**job, "use_gpu": scaling.use_gpu, "threads": threads}
+    trainer = TorchTrainer(
+        _worker, train_loop_config=job, scaling_config=scaling,
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise RunFailed(f"{cfg.name}: training failed: {str(exc).splitlines()[0]}") from None
+    metrics = result.metrics or {}
+    return (metrics if "failure" in metrics else None), result.checkpoint
+
+
 def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None = None,
            tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict:
     """Run (or continue) the experiment; returns its final metrics. Files: cfg.run_dir/{config.yaml,
     model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
-
     cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.absolute()})
     storage_is_local = "://" not in cfg.storage_path
     run_storage = Path(cfg.storage_path).absolute() / cfg.name if storage_is_local else None
@@ -184,44 +215,44 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
                                {"dist2.config": str(source)})
     if previous:
         log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
-    if not local:
-        _start_ray(address)
-    scaling, threads = _scaling(cfg, local)
-    job = {"cfg": cfg.model_dump(mode="json", by_alias=True), "kind": kind, "local": local,
-           "use_gpu": scaling.use_gpu, "threads": threads, "tracking_uri": uri, "run_id": run_id,
+    job = {"cfg": cfg.model_dump(mode="json", by_alias=True), "kind": kind, "local": local, "use_gpu": False,
+           "threads": None, "tracking_uri": uri, "run_id": run_id,
            "run_storage": str(run_storage) if run_storage else None, "resume_from": str(latest) if latest else None}
-    trainer = TorchTrainer(
-        _worker, train_loop_config=job, scaling_config=scaling,
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
     try:
-        result = trainer.fit()
-    except TrainingFailedError as exc:
+        if local:
+            failure = _worker(job)
+            final = _latest_checkpoint(run_storage)
+        else:
+            failure, final = _fit_on_ray(cfg, job, address)
+    except RunFailed as exc:
         _close_failed(uri, run_id, run_storage, {"dist2.failure": str(exc)[:4000]})
-        raise RunFailed(f"{cfg.name}: training failed: {str(exc).splitlines()[0]}") from None
-    except KeyboardInterrupt:
-        _close_failed(uri, run_id, run_storage, {"dist2.failure": "interrupted"}, status="KILLED")
         raise
-    outcome = result.metrics or {}
-    if outcome.get("failure_kind") == "config" and previous is None:
+    except BaseException as exc:  # a bug or an interrupt: the MLflow run must not stay RUNNING
+        _close_failed(uri, run_id, run_storage, {"dist2.failure": repr(exc)[:4000]},
+                      status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if failure is not None and failure["failure_kind"] == "config" and previous is None:
         # A mistake the workers found before training (e.g. the teacher guard): leave nothing behind.
         tracking.delete_run(uri, run_id)
         if run_storage is not None:
             shutil.rmtree(run_storage, ignore_errors=True)
-        raise UserError(outcome["failure"])
-    if "failure" in outcome:
-        tags = {f"dist2.{k}": str(v) for k, v in outcome.items() if k.startswith("failure")}
-        _close_failed(uri, run_id, run_storage, tags)
-        raise RunFailed(f"{cfg.name}: stopped: {outcome['failure']}")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as folder:
-        for name in (CONFIG, checkpoint.WEIGHTS, checkpoint.RESUME, METRICS):
-            shutil.copyfile(Path(folder) / name, cfg.run_dir / name)
-    final = json.loads((cfg.run_dir / METRICS).read_text())
+        raise UserError(failure["failure"])
+    if failure is not None:
+        _close_failed(uri, run_id, run_storage, {f"dist2.{k}": str(v) for k, v in failure.items()})
+        raise RunFailed(f"{cfg.name}: stopped: {failure['failure']}")
+    _copy_final(final, cfg.run_dir)
+    history = json.loads((cfg.run_dir / METRICS).read_text())["history"]
     artifacts = [source, cfg.run_dir / CONFIG, cfg.run_dir / checkpoint.WEIGHTS, cfg.run_dir / METRICS]
-    tracking.close_run(uri, run_id, final["history"], artifacts)
-    return final["final"]
+    tracking.close_run(uri, run_id, history, artifacts)
+    return history[-1]
+
+
+def _copy_final(final, run_dir: Path) -> None:
+    """The last epoch's checkpoint (a folder, or a Ray Checkpoint anywhere Ray stores them) into the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with final.as_directory() if hasattr(final, "as_directory") else contextlib.nullcontext(final) as folder:
+        for name in (CONFIG, checkpoint.WEIGHTS, checkpoint.RESUME, METRICS):
+            shutil.copyfile(Path(folder) / name, run_dir / name)
 
 
 def _close_failed(uri: str, run_id: str, run_storage: Path | None, tags: dict, status: str = "FAILED") -> None:
