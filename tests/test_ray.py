@@ -124,7 +124,12 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_with_every_epoch_logge
     victims = _ray_worker_pids(driver.pid)
     assert len(victims) == 2, victims
     os.kill(victims[0], signal.SIGKILL)
+    replaced = False
+    while driver.poll() is None and not replaced:  # Ray Train restarts the worker group: new worker processes
+        replaced = bool(set(_ray_worker_pids(driver.pid)) - set(victims))
+        time.sleep(0.1)
     output, _ = driver.communicate(timeout=600)
+    assert replaced, output
     assert driver.returncode == 0, output
     history = read_json(tmp_path / "runs/tiny/metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
@@ -174,10 +179,13 @@ def test_tracking_server_unreachable_then_real(tmp_path, synth_root):
         server.wait(timeout=30)
 
 
-def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, workers):
+    """With several workers every one of them must stop at the same step (or the others would hang in the next
+    all-reduce); the run ends with the reason, whichever worker saw it."""
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(
         tmp_path, synth_root, train={"epochs": 2, "lr_steps": [], "lr": 1.0e6, "warmup_iters": 0,
-                                     "clip_grad_norm": None}))
+                                     "clip_grad_norm": None}, ray={"num_workers": workers}))
     result = run_cli("train", cfg_path)
     assert result.returncode == 1, result.stderr
     assert "stopped: loss term" in result.stderr and "Traceback" not in result.stderr

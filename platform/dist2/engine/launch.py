@@ -108,13 +108,11 @@ def _worker(job: dict) -> dict | None:
                 logger.log(metrics)  # after the checkpoint: an epoch is never logged twice, see EpochLogger
     except (NonFiniteLoss, UserError) as exc:
         # Every worker meets these at the same point (workers agree on a non-finite loss before stopping), so
-        # every worker reports and returns: Ray retrying a failure that would only happen again is avoided.
+        # every worker returns normally: Ray would only retry a failure that must happen again.
         failure = {"failure": str(exc), "failure_kind": "config" if isinstance(exc, UserError) else "loss"}
         if isinstance(exc, NonFiniteLoss):
             failure.update(failure_term=exc.term, failure_epoch=exc.epoch + 1, failure_step=exc.step)
-        if on_ray:
-            ray.train.report(failure)
-        return failure
+        return failure  # rank 0's reaches the driver as the run's return value
     return None
 
 
@@ -192,15 +190,25 @@ def _fit_on_ray(cfg: ExperimentConfig, job: dict, address: str | None):
         result = trainer.fit()
     except TrainingFailedError as exc:
         raise RunFailed(f"{cfg.name}: training failed: {str(exc).splitlines()[0]}") from None
-    metrics = result.metrics or {}
-    return (metrics if "failure" in metrics else None), result.checkpoint
+    return result.return_value, result.checkpoint
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Workers do not run in the driver's working directory: every path in the config is made absolute."""
+    update = {"output_dir": cfg.output_dir.absolute()}
+    if cfg.data.root is not None:
+        update["data"] = cfg.data.model_copy(update={"root": cfg.data.root.absolute()})
+    if cfg.teacher is not None:
+        update["teacher"] = cfg.teacher.model_copy(update={"config": cfg.teacher.config.absolute(),
+                                                           "checkpoint": cfg.teacher.checkpoint.absolute()})
+    return cfg.model_copy(update=update)
 
 
 def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None = None,
            tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict:
     """Run (or continue) the experiment; returns its final metrics. Files: cfg.run_dir/{config.yaml,
     model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name."""
-    cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.absolute()})
+    cfg = _absolute_paths(cfg)
     storage_is_local = "://" not in cfg.storage_path
     run_storage = Path(cfg.storage_path).absolute() / cfg.name if storage_is_local else None
     local = address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray.num_workers == 1 and storage_is_local
