@@ -139,7 +139,7 @@ def _check_same_experiment(cfg: ExperimentConfig, latest: Path | None) -> None:
                         f"({', '.join(changed[:8])}); pick another name or delete that folder")
 
 
-def _start_ray(address: str | None):
+def start_ray(address: str | None = None):
     import ray
 
     if ray.is_initialized():
@@ -178,7 +178,7 @@ def _fit_on_ray(cfg: ExperimentConfig, job: dict, address: str | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    _start_ray(address)
+    start_ray(address)
     scaling, threads = _scaling(cfg)
     job = {**job, "use_gpu": scaling.use_gpu, "threads": threads}
     trainer = TorchTrainer(
