@@ -145,9 +145,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tracking_server_unreachable_then_real(tmp_path, synth_root):
+def _mlflow_server(port: int, store: Path) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+                               "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = MlflowClient(f"http://127.0.0.1:{port}"), time.time() + 120
+    while True:
+        try:
+            client.search_experiments()
+            return server
+        except Exception:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(1)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root,
-                                                                train={"epochs": 1, "lr_steps": []}))
+                                                                train={"epochs": 5, "lr_steps": []}))
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     result = run_cli("train", cfg_path, "--tracking-uri", uri)
@@ -155,28 +175,29 @@ def test_tracking_server_unreachable_then_real(tmp_path, synth_root):
     assert f"MLflow tracking store {uri} is not usable" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs/tiny").exists()  # no training happened
 
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A real server; it goes away after the first epoch and comes back three epochs later: training goes on with
+    # warnings, and every epoch ends up in the run exactly once.
+    server = _mlflow_server(port, tmp_path)
+    driver = subprocess.Popen([sys.executable, "-m", "dist2", "train", str(cfg_path), "--tracking-uri", uri,
+                               "--experiment", "served"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        for epoch, action in ((1, "stop"), (4, "start")):
+            marker = tmp_path / f"runs/tiny/epoch_{epoch:04d}/metrics.json"
+            while not marker.exists() and driver.poll() is None:
+                time.sleep(0.05)
+            if action == "stop":
+                _stop(server)
+            else:
+                server = _mlflow_server(port, tmp_path)
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output
+        assert "unreachable" in output
         client = MlflowClient(uri)
-        deadline = time.time() + 120
-        while True:
-            try:
-                client.search_experiments()
-                break
-            except Exception:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(1)
-        result = run_cli("train", cfg_path, "--tracking-uri", uri, "--experiment", "served")
-        assert result.returncode == 0, result.stderr
         run = _only_run(client, "served")
-        assert run.info.status == "FINISHED" and _epochs_logged(client, run.info.run_id) == [1]
+        assert run.info.status == "FINISHED" and _epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pth", "metrics.json"}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

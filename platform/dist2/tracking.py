@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dist2.config import ExperimentConfig, flatten
-from dist2.errors import UserError
+from dist2.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,20 @@ class EpochLogger:
 def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path], status: str = "FINISHED",
               tags: dict[str, str] | None = None) -> None:
     """Log every epoch of `history` the run is missing, the artifacts and tags, and set the final status."""
-    client = MlflowClient(uri)  # MLflow's own patient retries: this is the last chance to record the run
-    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
-    for record in history:
-        if record["epoch"] not in logged:
-            client.log_batch(run_id, metrics=_metrics(record, record["epoch"]))
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, value)
-    client.set_terminated(run_id, status)
+    client = _quick_client(uri)
+    try:
+        logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+        for record in history:
+            if record["epoch"] not in logged:
+                client.log_batch(run_id, metrics=_metrics(record, record["epoch"]))
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status)
+    except Exception as exc:
+        raise RunFailed(f"MLflow tracking store {uri} unreachable while closing run {run_id} "
+                        f"({exc.__class__.__name__}); the run's own files are complete") from None
 
 
 def delete_run(uri: str, run_id: str) -> None:
