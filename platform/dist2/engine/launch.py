@@ -47,9 +47,11 @@ def _write_checkpoint(folder: Path, task, state: dict, job: dict) -> None:
     (folder / CONFIG).write_text(yaml.safe_dump(job["cfg"], sort_keys=False))
     checkpoint.atomic_save(task.deploy.state_dict(), folder / checkpoint.WEIGHTS)
     checkpoint.atomic_save(state, folder / checkpoint.RESUME)
+    # metrics.json last, and atomically: a folder that has it is a complete checkpoint (see _latest_checkpoint).
     history = state["history"]
-    (folder / METRICS).write_text(json.dumps({"history": history, "final": history[-1],
-                                              "mlflow_run_id": job["run_id"]}, indent=1))
+    tmp = folder / (METRICS + ".tmp")
+    tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": job["run_id"]}, indent=1))
+    os.replace(tmp, folder / METRICS)
 
 
 def _restore(job: dict) -> dict | None:
