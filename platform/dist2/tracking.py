@@ -1,7 +1,7 @@
 """MLflow: every dist2 run is exactly one MLflow run.
 
 The driver opens the run (params = the flattened config, keys as in the YAML; tags), or reopens it when a run
-is resumed (its id is kept in the run folder and in each checkpoint); rank 0 logs each epoch's metrics while
+is continued (its id is kept in each checkpoint's metrics.json); rank 0 logs each epoch's metrics while
 training; the driver fills in any epoch a tracking outage made it miss, logs the artifacts and closes the run.
 """
 

@@ -2,8 +2,9 @@
 
 A `Task` says what to optimise and what to deploy: for plain training both are the detector; for distillation
 the optimised module is the student with its adapters (the frozen teacher lives outside it), and the deployed
-model is the student alone. The loop itself knows nothing about detectors, teachers, Ray or MLflow: it runs in one process or in each of
-several data-parallel workers, and hands each epoch's metrics and resume state to its caller.
+model is the student alone. The loop itself knows nothing about detectors, teachers, Ray or MLflow: it runs
+in one process or in each of several data-parallel workers, and hands each epoch's metrics and resume state
+to its caller.
 """
 
 from __future__ import annotations
