@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from dist2.ablation.runner import ablate
+
+    return ablate(args.config, args.overrides, resume=args.resume, address=args.address,
+                  tracking_uri=args.tracking_uri)
+
+
+def cmd_report(args) -> int:
+    from dist2.report import write_report
+    from dist2.tracking import resolve_tracking_uri
+
+    if args.tracking_uri is None and not Path("runs/mlflow.db").is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
+        raise UserError("no MLflow store at runs/mlflow.db (the default); pass --tracking-uri")
+    path = write_report(resolve_tracking_uri(args.tracking_uri, Path("runs")), args.experiment, args.out)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist2.config import SynthConfig
 
@@ -119,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "sqlite:///<output_dir>/mlflow.db)")
         p.add_argument("--experiment", default="dist2", help="MLflow experiment name (default: dist2)")
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ablate", help="run an ablation grid (ablations/*.yaml) as Ray Tune trials, then report",
+                       description="Run an ablation grid as Ray Tune trials (teachers first, each trained once), "
+                       "log every run to MLflow, and write the report.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ablation (Tuner.restore)")
+    p.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<output_dir>/mlflow.db)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="results.md in the paper's layout from an MLflow experiment's runs")
+    p.add_argument("--experiment", required=True, help="the MLflow experiment (an ablation's name)")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.md and the plots")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")
     p.add_argument("config", type=Path, nargs="?", help="experiment YAML the checkpoint was trained with")

@@ -50,27 +50,53 @@ def _quick_client(uri: str) -> MlflowClient:
     return MlflowClient(uri)
 
 
+def _unusable(uri: str, exc: Exception) -> UserError:
+    # connection refused, DNS, HTTP errors: all mean "no usable tracking store"
+    return UserError(f"MLflow tracking store {uri} is not usable ({exc.__class__.__name__}: "
+                     f"{str(exc).splitlines()[0][:300]}); start it, or pass --tracking-uri")
+
+
+def experiment_id(uri: str, experiment: str) -> str:
+    """The id of the named experiment, created if needed. Raises UserError when the store is not usable."""
+    client = _quick_client(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        return found.experiment_id if found else client.create_experiment(experiment,
+                                                                          artifact_location=_artifact_root(uri))
+    except Exception as exc:
+        raise _unusable(uri, exc) from None
+
+
 def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, experiment: str,
-             extra_tags: dict[str, str]) -> str:
+             extra_tags: dict[str, str], extra_params: dict[str, str]) -> str:
     """Start the MLflow run of `cfg` (or mark a resumed one running again). Raises UserError, before any
-    training, when the tracking server cannot be reached."""
+    training, when the tracking server cannot be reached.
+
+    A new run replaces a RUNNING or KILLED run of the same run folder in the experiment: one whose process
+    died before its first checkpoint, which nothing can continue (a FAILED run stays, as the record of why)."""
     client = _quick_client(uri)
     try:
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=_artifact_root(uri))
+        exp_id = experiment_id(uri, experiment)
+        for stale in client.search_runs([exp_id], f"tags.`dist2.run_dir` = '{cfg.run_dir}'"):
+            if stale.info.status in ("RUNNING", "KILLED"):
+                client.delete_run(stale.info.run_id)
         tags = {"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
-        run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
-        params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run.info.run_id, params=params[i:i + 100])
+        run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
+        log_params(client, run.info.run_id, {**flatten(cfg), **extra_params})
         return run.info.run_id
-    except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "no usable tracking store"
-        raise UserError(f"MLflow tracking store {uri} is not usable ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0][:300]}); start it, or pass --tracking-uri") from None
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _unusable(uri, exc) from None
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    batch = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=batch[i:i + 100])
 
 
 def _metrics(record: dict, step: int) -> list[Metric]:
@@ -130,3 +156,44 @@ def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path],
 def delete_run(uri: str, run_id: str) -> None:
     """A run that never trained (a configuration mistake found by the workers) leaves no MLflow run behind."""
     MlflowClient(uri).delete_run(run_id)
+
+
+def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
+    client = _quick_client(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], f"tags.`dist2.run_dir` = '{run_dir}'") if found else []
+    return any(run.info.status == "FINISHED" for run in runs)
+
+
+def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: str, history: list[dict],
+                        params: dict[str, str], tags: dict[str, str]) -> str:
+    """A finished MLflow run for a run done before (a reused teacher): its params, tags and epochs' metrics."""
+    client = _quick_client(uri)
+    run = client.create_run(experiment_id(uri, experiment), run_name=cfg.name,
+                            tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
+    log_params(client, run.info.run_id, {**flatten(cfg), **params})
+    close_run(uri, run.info.run_id, history, [cfg.run_dir / "config.yaml", cfg.run_dir / "metrics.json"])
+    return run.info.run_id
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"
+
+
+def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float]) -> str:
+    """The experiment's summary run (tag dist2.kind = report): created once, its artifacts replaced each time."""
+    client = _quick_client(uri)
+    exp_id = experiment_id(uri, experiment)
+    found = client.search_runs([exp_id], "tags.`dist2.kind` = 'report'")
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp_id, run_name="report", tags={"dist2.kind": "report"}).info.run_id
+    client.update_run(run_id, status="RUNNING")
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="report")
+    if metrics:
+        client.log_batch(run_id, metrics=_metrics(metrics, 0))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

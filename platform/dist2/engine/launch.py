@@ -206,14 +206,29 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update=update)
 
 
+def finished_run(cfg: ExperimentConfig) -> dict | None:
+    """The run folder's metrics.json ({"history", "final", "mlflow_run_id"}) if the run has finished."""
+    path = cfg.run_dir / METRICS
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record and record["final"]["epoch"] >= cfg.train.epochs else None
+
+
 def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None = None,
-           tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict:
+           tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
+           params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
+           in_process: bool | None = None) -> dict:
     """Run (or continue) the experiment; returns its final metrics. Files: cfg.run_dir/{config.yaml,
-    model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name."""
+    model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name.
+
+    `params` and `tags` are logged to MLflow beside the config. `in_process` forces (True) or forbids (False)
+    running the one worker in this process; by default one worker runs here unless a cluster address is given.
+    """
     cfg = _absolute_paths(cfg)
     storage_is_local = "://" not in cfg.storage_path
     run_storage = Path(cfg.storage_path).absolute() / cfg.name if storage_is_local else None
-    local = address is None and not os.environ.get("RAY_ADDRESS") and cfg.ray.num_workers == 1 and storage_is_local
+    if in_process is None:
+        in_process = address is None and not os.environ.get("RAY_ADDRESS")
+    local = in_process and cfg.ray.num_workers == 1 and storage_is_local
     latest = _latest_checkpoint(run_storage)
     _check_same_experiment(cfg, latest)
     previous = json.loads((latest / METRICS).read_text()) if latest else None
@@ -222,7 +237,7 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
                         "pick another name, delete that folder, or raise train.epochs to continue it")
     uri = tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir)
     run_id = tracking.open_run(uri, cfg, kind, previous and previous["mlflow_run_id"], experiment,
-                               {"dist2.config": str(source)})
+                               {"dist2.config": str(source), **(tags or {})}, params or {})
     if previous:
         log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
     job = {"cfg": cfg.model_dump(mode="json", by_alias=True), "kind": kind, "local": local, "use_gpu": False,
@@ -251,6 +266,11 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
         _close_failed(uri, run_id, run_storage, {f"dist2.{k}": str(v) for k, v in failure.items()})
         raise RunFailed(f"{cfg.name}: stopped: {failure['failure']}")
     _copy_final(final, cfg.run_dir)
+    return close_finished(cfg, source, uri, run_id)
+
+
+def close_finished(cfg: ExperimentConfig, source: Path, uri: str, run_id: str) -> dict:
+    """Log a finished run's missing epochs and its artifacts to MLflow and close it; returns its final metrics."""
     history = json.loads((cfg.run_dir / METRICS).read_text())["history"]
     artifacts = [source, cfg.run_dir / CONFIG, cfg.run_dir / checkpoint.WEIGHTS, cfg.run_dir / METRICS]
     tracking.close_run(uri, run_id, history, artifacts)

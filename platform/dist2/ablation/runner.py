@@ -1,0 +1,196 @@
+"""`dist2 ablate FILE`: a whole ablation as Ray Tune trials, then the report.
+
+  1. Teachers: every distinct teacher config of the pairs (keyed by its hash, under output_dir/teachers/) that
+     has not finished before, in any ablation, is trained by a Tune run of its own; one found finished is reused
+     and recorded as a `teacher` run of this ablation's MLflow experiment.
+  2. The grid: one Tune trial per cell. A one-worker trial runs its worker in the trial's own process (the
+     in-process path of `dist2 distill`: a Ray Train worker group would add ~40 s per trial); a trial of more
+     workers launches a TorchTrainer (Train inside Tune). Each trial is one `launch`: it logs its own MLflow run
+     and checkpoints every epoch in its run folder, so a trial that is run again continues where it stopped.
+  3. The report (dist2.report) from the experiment's finished runs.
+
+`--resume` restores the grid's Tune run (Tuner.restore): finished trials are kept, unfinished ones continue
+from their last epoch checkpoint in the same MLflow run. MLflow logging is dist2's own, not Ray's
+MLflowLoggerCallback (which keeps its trial -> run map in memory and opens duplicate runs after a restore).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from dist2 import tracking
+from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
+from dist2.config import ExperimentConfig
+from dist2.engine.launch import close_finished, finished_run, launch, start_ray
+from dist2.errors import RunFailed, UserError
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_mAP", "epoch")
+
+
+# ---------------------------------------------------------------- one trial (in a Tune trial actor)
+
+def _trial(config: dict) -> None:
+    job = config["run"]
+    started = time.monotonic()
+    cfg = ExperimentConfig.model_validate(job["cfg"])
+    record = finished_run(cfg)
+    if record is not None:
+        # Finished, but the driver died before Tune recorded it: nothing to train, only MLflow to settle.
+        metrics = close_finished(cfg, Path(job["source"]), job["uri"], record["mlflow_run_id"])
+    else:
+        if cfg.ray.num_workers == 1:
+            torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker["CPU"])))
+        metrics = launch(cfg, job["kind"], Path(job["source"]), tracking_uri=job["uri"],
+                         experiment=job["experiment"], params=job["params"],
+                         tags={"dist2.ablation": job["experiment"]}, in_process=True)
+    result = {k: float(metrics[k]) for k in REPORTED if isinstance(metrics.get(k), (int, float))}
+    tune.report({**result, "trial_wall_s": time.monotonic() - started})
+
+
+# ---------------------------------------------------------------- driver
+
+class Progress(tune.Callback):
+    """A one-line account of a Tune run (done / running / pending / failed, best mAP so far) at every trial
+    start and end, and once a minute in between."""
+
+    def __init__(self, phase: str, total: int):
+        self.phase, self.total, self.last = phase, total, 0.0
+        self.best: tuple[float, str] | None = None
+
+    def _line(self, trials, trial=None, event=""):
+        count = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "PENDING", "ERROR")}
+        best = f"; best mAP {self.best[0]:.2f} ({self.best[1]})" if self.best else ""
+        name = f" [{event} {trial.config['run']['cfg']['name']}]" if trial is not None else ""
+        pending = self.total - count["TERMINATED"] - count["RUNNING"] - count["ERROR"]  # Tune adds trials lazily
+        log.info("%s: %d/%d done, %d running, %d pending, %d failed%s%s", self.phase, count["TERMINATED"],
+                 self.total, count["RUNNING"], pending, count["ERROR"], best, name)
+        self.last = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trials, trial, "started")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        mAP = (trial.last_result or {}).get("mAP")
+        if mAP is not None and (self.best is None or mAP > self.best[0]):
+            self.best = (mAP, trial.config["run"]["cfg"]["name"])
+        self._line(trials, trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, trial, "FAILED")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last > 60:
+            self._line(trials)
+
+
+def _slots(spec: AblationConfig) -> tuple[dict, int]:
+    """(resources of one trial's actor, trials that fit the cluster's free resources at once)."""
+    import ray
+
+    r = spec.resources
+    need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
+    free = ray.available_resources()
+    fits = min(int(free.get(k, 0) // v) for k, v in need.items() if v > 0)
+    if fits < 1:
+        raise UserError(f"resources: one trial needs {need}, the cluster has {free.get('CPU', 0):g} CPU and "
+                        f"{free.get('GPU', 0):g} GPU free")
+    # A one-worker trial trains in its own actor, which holds the trial's resources; a larger trial's actor only
+    # launches a TorchTrainer, whose workers hold them.
+    actor = {k: v for k, v in need.items() if v > 0} if r.num_workers == 1 else {"CPU": 0}
+    return actor, fits
+
+
+def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, slots: tuple[dict, int]):
+    """Run `runs` as one Tune run named `phase` under output_dir/name/tune; returns (ResultGrid, wall s)."""
+    actor, slots = slots
+    trainable = tune.with_resources(_trial, actor)
+    path = spec.output_dir / spec.name / "tune"
+    started = time.monotonic()
+    if restore:
+        tuner = tune.Tuner.restore(str(path / phase), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"run": tune.grid_search([{**run.as_job(), **job} for run in runs])},
+            # reuse_actors: a trial actor that imported torch serves the next trial (~10 s saved per trial here)
+            tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=True,
+                                        trial_name_creator=lambda t: t.config["run"]["cfg"]["name"],
+                                        trial_dirname_creator=lambda t: t.config["run"]["cfg"]["name"]),
+            run_config=tune.RunConfig(name=phase, storage_path=str(path), verbose=0,
+                                      callbacks=[Progress(f"{spec.name} {phase}", len(runs))]))
+    log.info("%s %s: %d trial(s), up to %d at once", spec.name, phase, len(runs), slots)
+    results = tuner.fit()
+    return results, time.monotonic() - started
+
+
+def _packing(results, wall: float, slots: int) -> float:
+    """Σ trial wall time / (phase wall time × concurrent slots): 1 = no slot ever idle."""
+    busy = sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
+    return busy / (wall * min(slots, len(results))) if wall > 0 else 0.0
+
+
+def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) -> None:
+    """A teacher trained before (by any ablation) appears in this experiment as a finished `teacher` run."""
+    record = finished_run(run.cfg)
+    tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"],
+                                 {**run.params}, {"dist2.ablation": experiment, "dist2.config": str(source),
+                                                  "dist2.reused_from": record["mlflow_run_id"]})
+
+
+def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None) -> int:
+    from dist2.report import write_report
+
+    spec = load_ablation(path, overrides)
+    source = Path(path).absolute()
+    teachers = teacher_runs(spec, source)
+    runs = grid_runs(spec, source, teachers)
+    tune_dir = spec.output_dir / spec.name / "tune"
+    if (tune_dir / "grid").exists() and not resume:
+        raise UserError(f"{path}: ablation {spec.name} has already run in {tune_dir.parent}; pass --resume to "
+                        "continue it (finished trials are kept), or delete that folder to start over")
+    uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
+    tracking.experiment_id(uri, spec.name)  # the store is usable, and the experiment exists before any trial
+    start_ray(address)
+    slots = _slots(spec)  # from the cluster's free resources before any trial holds some
+    job = {"uri": uri, "experiment": spec.name, "source": str(source)}
+
+    missing = [t for t in teachers if finished_run(t.cfg) is None]
+    log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
+             len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
+    if missing:
+        results, wall = _tune("teachers", missing, spec, job, restore=False, slots=slots)
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
+                            + "; ".join(str(r.error).splitlines()[0][:200] for r in failed))
+        log.info("%s teachers: %.0f s, packing efficiency %.2f", spec.name, wall, _packing(results, wall, slots[1]))
+    for teacher in teachers:
+        if teacher not in missing and not tracking.has_finished_run(uri, spec.name, teacher.cfg.run_dir):
+            _record_reused_teacher(uri, spec.name, teacher, source)
+
+    restore = resume and tune.Tuner.can_restore(str(tune_dir / "grid"))
+    if resume and not restore:
+        log.info("%s: no grid state to restore in %s; starting the grid (finished runs are kept)", spec.name, tune_dir)
+    results, wall = _tune("grid", runs, spec, job, restore=restore, slots=slots)
+    packing = _packing(results, wall, slots[1])
+    log.info("%s grid: %d trial(s) in %.0f s on %d slot(s), packing efficiency %.2f", spec.name, len(results),
+             wall, slots[1], packing)
+
+    out = spec.output_dir / spec.name / "report"
+    report = write_report(uri, spec.name, out, spec.tables, extra_metrics={"grid_wall_s": wall,
+                                                                          "grid_packing_efficiency": packing})
+    print(f"\nreport: {report}")
+    print(f"MLflow UI on this store: {tracking.ui_command(uri)}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        raise RunFailed(f"{spec.name}: {len(failed)} of {len(results)} trial(s) failed (their cells are missing "
+                        f"from the report): " + "; ".join(str(r.error).splitlines()[0][:200] for r in failed))
+    return 0

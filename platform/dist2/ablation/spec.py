@@ -1,0 +1,245 @@
+"""An ablation file (ablations/*.yaml), validated, and expanded into the runs it stands for.
+
+One file = one grid: the teacher/student pairs, the grid's axes (a list of cross products, as scikit-learn's
+ParameterGrid takes them), cells to skip, the resources of one trial, and the paper tables it rebuilds. Every
+run of the grid is a full experiment config (the pair's YAML + `set` overrides + the cell's distill section),
+so a trial is exactly what `dist2 distill` of that config would do.
+
+A cell's schema params (detector, teacher, student, method, strategies, num_strategies, lambda_di, lambda_feat,
+seed) go to MLflow beside the flattened config; the reporter groups runs by them. A λ that a method does not use
+is logged empty, so that cells differing only in it are one cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from dist2.config import (STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate)
+from dist2.errors import UserError
+
+METHODS = ("student", "hint", "pad", "nonlocal", "fi", "di", "dist2")  # a pair's teacher is run by itself
+USES_LAMBDA_DI = {"di", "dist2"}
+USES_LAMBDA_FEAT = {"fi", "dist2"}
+TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head")
+SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
+          "seed")
+
+
+class Pair(_Strict):
+    teacher: Path  # the teacher's experiment YAML
+    student: Path  # the student's experiment YAML
+    # Names in the report and in the `teacher` / `student` params (default: the YAMLs' `name`).
+    teacher_label: Optional[str] = None
+    student_label: Optional[str] = None
+
+
+class GridEntry(_Strict):
+    """One cross product of axes. Axes left out take the file's defaults."""
+
+    method: list[Literal[METHODS]] = Field(min_length=1)
+    # Explicit strategy lists (e.g. [[N2N], [B2B, N2N], [All2All]]) or "the first k of N2N, B2B, B2N, N2B".
+    strategies: Optional[list[list[Literal[STRATEGIES + ("All2All",)]]]] = None
+    num_strategies: Optional[list[int]] = None
+    lambda_di: Optional[list[float]] = None
+    lambda_feat: Optional[list[float]] = None
+    seed: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_strategies(self) -> "GridEntry":
+        if self.strategies is not None and self.num_strategies is not None:
+            raise ValueError("give either strategies or num_strategies in one grid entry, not both")
+        if any(not 1 <= k <= len(STRATEGIES) for k in self.num_strategies or []):
+            raise ValueError(f"num_strategies: each must be 1..{len(STRATEGIES)} (the first k of "
+                             f"{', '.join(STRATEGIES)})")
+        return self
+
+
+class Resources(_Strict):
+    """What one trial holds: its Ray Train workers (ray.num_workers) and each worker's CPUs and GPUs."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class AblationConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")  # = the MLflow experiment
+    output_dir: Path = Path("runs")  # runs go to output_dir/name/, teachers to output_dir/teachers/
+    tables: list[Literal[TABLES]] = Field(default_factory=lambda: list(TABLES))
+    pairs: list[Pair] = Field(min_length=1)
+    set: list[str] = Field(default_factory=list)  # KEY=VALUE overrides of every run, teachers included
+    teacher_set: list[str] = Field(default_factory=list)  # ... of the teachers only (after `set`)
+    distill: dict = Field(default_factory=dict)  # the distill section's other keys (hint.weight, ...)
+    teacher_min_mAP: float = Field(1.0, ge=0, le=100)
+    grid: list[GridEntry] = Field(min_length=1)
+    strategies: list[list[str]] = Field(default_factory=lambda: [["N2N"]])  # defaults of the grid's axes
+    lambda_di: list[float] = Field(default_factory=lambda: [1.0])
+    lambda_feat: list[float] = Field(default_factory=lambda: [1.0])
+    seed: list[int] = Field(default_factory=lambda: [0])
+    skip: list[dict] = Field(default_factory=list)  # a cell matching every key of one of these is dropped
+    resources: Resources = Resources()
+
+    @field_validator("skip")
+    @classmethod
+    def _skip_keys_are_params(cls, skip: list[dict]) -> list[dict]:
+        for entry in skip:
+            unknown = sorted(set(entry) - set(SCHEMA))
+            if unknown:
+                raise ValueError(f"skip: unknown key(s) {', '.join(unknown)}; use any of {', '.join(SCHEMA)}")
+        return skip
+
+    @field_validator("distill")
+    @classmethod
+    def _grid_owns_its_axes(cls, distill: dict) -> dict:
+        owned = sorted(set(distill) & {"method", "strategies", "lambda_di", "lambda_feat"})
+        if owned:
+            raise ValueError(f"distill: {', '.join(owned)} are grid axes; set them in grid entries")
+        return distill
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the grid: its config, how it is launched, and its schema params."""
+
+    cfg: ExperimentConfig
+    kind: str  # "train" (a teacher) or "distill" (a student cell: the baseline too, method "student")
+    params: dict[str, str]
+
+    def as_job(self) -> dict:
+        return {"cfg": self.cfg.model_dump(mode="json", by_alias=True), "kind": self.kind, "params": self.params}
+
+
+def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    spec = validate(AblationConfig, raw, str(path))
+    base = Path(path).parent
+    # Trials run in other processes and other folders (a Ray job's, a Tune trial's): every path is absolute.
+    spec.output_dir = spec.output_dir.absolute()
+    # Experiment YAMLs named in the file are found relative to the working directory, like the CLI's.
+    for pair in spec.pairs:
+        for role in ("teacher", "student"):
+            if not getattr(pair, role).is_file():
+                raise UserError(f"{path}: pairs: {role} config {getattr(pair, role)} does not exist "
+                                f"(paths are relative to the working directory, not to {base})")
+            setattr(pair, role, getattr(pair, role).absolute())
+    return spec
+
+
+def teacher_key(cfg: ExperimentConfig) -> str:
+    """The identity of a trained teacher: a hash of everything that shapes its weights (not its name, where it
+    is written, or the resources it ran on)."""
+    dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"name", "output_dir", "ray"})
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _resolve(path: Path, overrides: list[str], source: str, update: dict) -> ExperimentConfig:
+    raw = apply_overrides(read_yaml(path), overrides)
+    raw.update(update)
+    return validate(ExperimentConfig, raw, f"{source} ({path})")
+
+
+def _ray_section(resources: Resources) -> dict:
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return {"num_workers": resources.num_workers, "use_gpu": resources.gpus_per_worker > 0,
+            "resources_per_worker": per_worker}
+
+
+def teacher_runs(spec: AblationConfig, source: Path) -> list[Run]:
+    """The distinct teachers of the pairs, each named by its config hash under output_dir/teachers/."""
+    runs = {}
+    for pair in spec.pairs:
+        cfg = _resolve(pair.teacher, spec.set + spec.teacher_set, str(source), {})
+        key = teacher_key(cfg)
+        cfg = cfg.model_copy(update={"name": f"{cfg.name}-{key}", "output_dir": spec.output_dir / "teachers",
+                                     "ray": cfg.ray.model_validate(_ray_section(spec.resources))})
+        runs[key] = Run(cfg, "train", {"detector": cfg.model.detector, "teacher": _label(pair, "teacher"),
+                                       "student": "", "method": "teacher", "strategies": "",
+                                       "num_strategies": "0", "lambda_di": "", "lambda_feat": "",
+                                       "seed": str(cfg.seed)})
+    return list(runs.values())
+
+
+def _label(pair: Pair, role: str) -> str:
+    return getattr(pair, f"{role}_label") or read_yaml(getattr(pair, role)).get("name", str(getattr(pair, role)))
+
+
+def _cells(spec: AblationConfig, entry: GridEntry):
+    if entry.num_strategies is not None:
+        strategy_lists = [list(STRATEGIES[:k]) for k in entry.num_strategies]
+    else:
+        strategy_lists = entry.strategies or spec.strategies
+    axes = (entry.method, strategy_lists, entry.lambda_di or spec.lambda_di, entry.lambda_feat or spec.lambda_feat,
+            entry.seed or spec.seed)
+    for method, strategies, lambda_di, lambda_feat, seed in itertools.product(*axes):
+        chosen = set(STRATEGIES) if "All2All" in strategies else set(strategies)
+        if method == "student":
+            chosen = set()
+        yield {"method": method, "strategies": ",".join(sorted(chosen)), "num_strategies": str(len(chosen)),
+               "lambda_di": str(float(lambda_di)) if method in USES_LAMBDA_DI else "",
+               "lambda_feat": str(float(lambda_feat)) if method in USES_LAMBDA_FEAT else "", "seed": str(seed)}
+
+
+def _skipped(params: dict[str, str], skip: list[dict]) -> bool:
+    def same(key, want):
+        if key == "strategies" and isinstance(want, list):
+            want = ",".join(sorted(set(STRATEGIES) if "All2All" in want else want))
+        return params[key] == (str(float(want)) if key.startswith("lambda") else str(want))
+
+    return any(all(same(k, v) for k, v in entry.items()) for entry in skip)
+
+
+def _run_name(teacher: Run, student_name: str, cell: dict) -> str:
+    """e.g. quick_fcos_teacher-quick_fcos_student-di-B2B_N2N-ldi1.0-s0 (the teacher's name without its hash)."""
+    parts = [teacher.cfg.name.rsplit("-", 1)[0], student_name, cell["method"]]
+    if cell["num_strategies"] == str(len(STRATEGIES)):
+        parts.append("All2All")
+    elif cell["strategies"]:
+        parts.append(cell["strategies"].replace(",", "_"))
+    if cell["lambda_di"]:
+        parts.append(f"ldi{cell['lambda_di']}")
+    if cell["lambda_feat"]:
+        parts.append(f"lfeat{cell['lambda_feat']}")
+    return "-".join(parts + [f"s{cell['seed']}"])
+
+
+def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[Run]:
+    """Every distinct cell of the grid for every pair, in grid order (a cell listed twice runs once)."""
+    by_key = {teacher_key(t.cfg): t for t in teachers}
+    runs: dict[str, Run] = {}
+    for pair in spec.pairs:
+        teacher_cfg = _resolve(pair.teacher, spec.set + spec.teacher_set, str(source), {})
+        teacher = by_key[teacher_key(teacher_cfg)]
+        student_raw = read_yaml(pair.student)
+        for entry in spec.grid:
+            for cell in _cells(spec, entry):
+                params = {"detector": teacher.params["detector"], "teacher": teacher.params["teacher"],
+                          "student": _label(pair, "student"), **cell}
+                if _skipped(params, spec.skip):
+                    continue
+                name = _run_name(teacher, student_raw.get("name", "student"), cell)
+                distill = {**spec.distill, "method": cell["method"],
+                           "strategies": cell["strategies"].split(",") if cell["strategies"] else ["N2N"],
+                           "lambda_di": float(cell["lambda_di"] or 1.0),
+                           "lambda_feat": float(cell["lambda_feat"] or 1.0)}
+                update = {"name": name, "seed": int(cell["seed"]), "output_dir": str(spec.output_dir / spec.name),
+                          "ray": _ray_section(spec.resources), "distill": distill,
+                          "teacher": {"config": str(teacher.cfg.run_dir / "config.yaml"),
+                                      "checkpoint": str(teacher.cfg.run_dir / "model.pth"),
+                                      "min_mAP": spec.teacher_min_mAP}}
+                cfg = _resolve(pair.student, spec.set, str(source), update)
+                if cfg.model.detector != teacher.cfg.model.detector:
+                    raise UserError(f"{source}: pairs: teacher {pair.teacher} is {teacher.cfg.model.detector}, "
+                                    f"student {pair.student} is {cfg.model.detector}; a pair shares its detector")
+                runs.setdefault(name, Run(cfg, "distill", params))
+    if not runs:
+        raise UserError(f"{source}: the grid is empty after `skip`")
+    return list(runs.values())

@@ -1,0 +1,88 @@
+"""`dist2 report`: an MLflow experiment's finished runs -> results.md in the paper's layout, plus plots.
+
+The runs are read with `mlflow.search_runs` into pandas; the tables are built in `tables.py` beside the paper's
+numbers (`paper.py`); the report is also logged as the artifacts of the experiment's summary run (tag
+dist2.kind = report, one per experiment, its artifacts replaced by each new report).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dist2 import tracking
+from dist2.ablation.spec import SCHEMA, TABLES
+from dist2.errors import UserError
+from dist2.report import plots, tables
+
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP")
+TITLES = {
+    "table1": "Table 1 — methods (imitation strategy in brackets)",
+    "table2": "Table 2 — one imitation strategy at a time, with DI",
+    "table3": "Table 3 — number of imitation strategies used together, with DI",
+    "lambda_di": "λ_DI — the weight of the DI terms",
+    "teacher_head": "Teacher-head mAP — the student's neck through the teacher's head",
+}
+BUILDERS = {"table1": tables.table1, "table2": tables.table2, "table3": tables.table3,
+            "lambda_di": tables.lambda_table, "teacher_head": tables.teacher_head_table}
+
+
+def load_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """The experiment's FINISHED runs that carry the schema params: one row per run, params and final metrics
+    as columns named as in MLflow (without the params./metrics. prefixes)."""
+    import mlflow
+
+    client = tracking._quick_client(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except Exception as exc:
+        raise tracking._unusable(uri, exc) from None
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: "
+                        f"{', '.join(names) or 'none'}")
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                               output_format="pandas")
+    runs = pd.DataFrame({
+        **{p: frame.get(f"params.{p}", pd.Series(index=frame.index, dtype=object)) for p in SCHEMA},
+        **{m: frame.get(f"metrics.{m}", pd.Series(index=frame.index, dtype=float)) for m in METRICS},
+    })
+    runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
+    return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
+
+
+def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str) -> str:
+    """results.md's text; the plots are written to `out` and linked."""
+    c = tables.cells(runs)
+    lines = [f"# {experiment}: results", "",
+             f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± std over "
+             "seeds where a cell has several; Δ = mAP − the pair's student baseline. Tables 1–3 use the runs at "
+             "λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); – = no finished run.", ""]
+    for name in which:
+        frame = BUILDERS[name](c)
+        lines += [f"## {TITLES[name]}", ""]
+        lines += [frame.to_markdown(index=False, disable_numparse=True) if not frame.empty else "(no runs for this table)", ""]
+        if name == "table1" and frame.get(next((k for k in frame.columns if k.startswith("paper mAP")), ""),
+                                          pd.Series(dtype=str)).str.endswith("*").any():
+            lines += [f"\\* {tables.paper.NOTES['*']}", ""]
+        if name == "table3":
+            lines += ["The paper's Table 3 row repeats its Table 2 row in the source (probably a transcription "
+                      "error); it is shown as transcribed.", ""]
+        picture = plots.PLOTS.get(name)
+        if picture is not None and picture(c, out / f"{name}.png"):
+            lines += [f"![{TITLES[name]}]({name}.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES,
+                 extra_metrics: dict[str, float] | None = None) -> Path:
+    runs = load_runs(uri, experiment)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.md"
+    path.write_text(render(runs, list(which), out, experiment) + "\n")
+    artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
+    tracking.log_summary(uri, experiment, artifacts, extra_metrics or {})
+    return path

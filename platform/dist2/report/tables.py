@@ -1,0 +1,176 @@
+"""The paper's tables from a frame of finished runs (one row per run, the MLflow schema's params as columns).
+
+Cells are the runs of one (detector, teacher, student, method, strategies, lambda_di, lambda_feat), aggregated
+over seeds: mean ± sample std. Δ = a cell's mean mAP - the mean mAP of its pair's student baseline. A cell with
+no finished run prints "–"; nothing is interpolated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from dist2.config import STRATEGIES
+from dist2.report import paper
+
+PAIR = ["detector", "teacher", "student"]
+CELL = PAIR + ["method", "strategies", "lambda_di", "lambda_feat"]
+MISSING = "–"
+METHOD_ROWS = {"teacher": "(teacher)", "student": "(student)", "hint": "+ Hint", "pad": "+ PAD",
+               "nonlocal": "+ NonLocal", "fi": "+ FI", "di": "+ DI", "dist2": "+ Dist2"}
+REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: mAP mean/std/n and teacher_head_mAP mean over its seeds."""
+    grouped = runs.groupby(CELL, sort=False)
+    out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
+    out["teacher_head_mAP"] = grouped["teacher_head_mAP"].mean()
+    return out.reset_index()
+
+
+def _at_reference(c: pd.DataFrame) -> pd.DataFrame:
+    return c[c["lambda_di"].isin(REFERENCE_LAMBDA) & c["lambda_feat"].isin(REFERENCE_LAMBDA)]
+
+
+def fmt(mean: float | None, std: float | None = None) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return MISSING
+    spread = f" ± {std:.1f}" if std is not None and not math.isnan(std) else ""
+    return f"{mean:.1f}{spread}"
+
+
+def fmt_delta(delta: float | None) -> str:
+    return MISSING if delta is None or math.isnan(delta) else f"{delta:+.1f}"
+
+
+def show_strategies(strategies: str) -> str:
+    """`B2B,N2N` -> `N2N, B2B` (the paper's order); all four -> All2All; none -> –."""
+    if not strategies:
+        return MISSING
+    chosen = strategies.split(",")
+    return "All2All" if len(chosen) == len(STRATEGIES) else ", ".join(s for s in STRATEGIES if s in chosen)
+
+
+def _student_mean(c: pd.DataFrame, pair: tuple) -> float:
+    rows = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "student")]
+    return float(rows["mAP"].iloc[0]) if len(rows) else math.nan
+
+
+def _pairs(c: pd.DataFrame) -> list[tuple]:
+    """The (detector, teacher, student) pairs that have student runs, in the order they appear."""
+    rows = c[c["method"] != "teacher"]
+    return list(dict.fromkeys(rows[PAIR].apply(tuple, axis=1)))
+
+
+def _teacher_row(c: pd.DataFrame, detector: str, teacher: str):
+    rows = c[(c["detector"] == detector) & (c["teacher"] == teacher) & (c["method"] == "teacher")]
+    return rows.iloc[0] if len(rows) else None
+
+
+def table1(c: pd.DataFrame) -> pd.DataFrame:
+    """Per detector and pair: teacher, student and each method with its strategy; ours beside the paper's."""
+    c = _at_reference(c)
+    out = []
+    for pair in _pairs(c):
+        detector, teacher, student = pair
+        base = _student_mean(c, pair)
+        ours = {}
+        t = _teacher_row(c, detector, teacher)
+        if t is not None:
+            ours[("teacher", "")] = t
+        mine = c[(c[PAIR].apply(tuple, axis=1) == pair)]
+        for _, row in mine.iterrows():
+            ours[(row["method"], row["strategies"])] = row
+        published = [k[1:] for k in paper.TABLE1 if k[0] == detector]
+        keys = list(dict.fromkeys([k for k in published] + list(ours)))
+        keys.sort(key=lambda k: list(METHOD_ROWS).index(k[0]))
+        for method, strategies in keys:
+            row = ours.get((method, strategies))
+            mean = None if row is None else row["mAP"]
+            p_map, p_delta, note = paper.TABLE1.get((detector, method, strategies), (None, None, ""))
+            label = {"teacher": teacher, "student": student}.get(method, "")
+            out.append({
+                "detector": detector, "teacher → student": f"{teacher} → {student}",
+                "row": f"{label} {METHOD_ROWS[method]}".strip(), "strategy": show_strategies(strategies),
+                "mAP": fmt(mean, None if row is None else row["std"]),
+                "Δ": fmt_delta(mean - base) if mean is not None and method != "teacher" and method != "student" else "",
+                "seeds": "" if row is None else int(row["n"]),
+                f"paper mAP ({paper.TABLE1_PAIR})": MISSING if p_map is None else f"{p_map:.1f}{note}",
+                "paper Δ": "" if p_delta is None else fmt_delta(p_delta),
+            })
+    return pd.DataFrame(out)
+
+
+def _di_single(c: pd.DataFrame, pair: tuple, strategies: str):
+    rows = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "di") & (c["strategies"] == strategies)]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _with_delta(row, base: float) -> str:
+    if row is None:
+        return MISSING
+    return f"{fmt(row['mAP'], row['std'])} ({fmt_delta(row['mAP'] - base)})"
+
+
+def table2(c: pd.DataFrame) -> pd.DataFrame:
+    """One imitation strategy at a time with DI: mAP (Δ) per strategy, a row per pair, the paper's row last."""
+    c = _at_reference(c)
+    out = []
+    for pair in _pairs(c):
+        base = _student_mean(c, pair)
+        out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})", "student": fmt(base),
+                    **{s: _with_delta(_di_single(c, pair, s), base) for s in STRATEGIES}})
+    out.append({"pair": f"paper: {paper.TABLE2_PAIR}", "student": fmt(paper.TABLE2_STUDENT),
+                **{s: f"{m:.1f} ({fmt_delta(d)})" for s, (m, d) in paper.TABLE2.items()}})
+    return pd.DataFrame(out)
+
+
+def table3(c: pd.DataFrame) -> pd.DataFrame:
+    """Number of strategies used together with DI (the first k of N2N, B2B, B2N, N2B; other subsets get a row
+    of their own), the paper's row (as transcribed) last."""
+    c = _at_reference(c)
+    out = []
+    for pair in _pairs(c):
+        base = _student_mean(c, pair)
+        mine = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "di")]
+        rows: dict[str, dict] = {}
+        for _, row in mine.iterrows():
+            chosen = row["strategies"].split(",")
+            k = len(chosen)
+            first_k = sorted(chosen) == sorted(STRATEGIES[:k])
+            name = "first k" if first_k else show_strategies(row["strategies"])
+            rows.setdefault(name, {str(i): MISSING for i in range(1, 5)})[str(k)] = _with_delta(row, base)
+        for name, values in sorted(rows.items(), key=lambda kv: kv[0] != "first k"):
+            out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})", "strategies": name, **values})
+    out.append({"pair": f"paper: {paper.TABLE2_PAIR}", "strategies": "first k (as transcribed)",
+                **{str(k): f"{m:.1f}" for k, m in paper.TABLE3.items()}})
+    return pd.DataFrame(out)
+
+
+def lambda_table(c: pd.DataFrame) -> pd.DataFrame:
+    """mAP of each DI cell (di, dist2) against λ_DI; the paper publishes no λ sweep."""
+    di = c[c["method"].isin(["di", "dist2"])]
+    if di.empty:
+        return pd.DataFrame()
+    lambdas = sorted(di["lambda_di"].unique(), key=float)
+    out = []
+    for key, group in di.groupby(PAIR + ["method", "strategies", "lambda_feat"], sort=False):
+        detector, teacher, student, method, strategies, lambda_feat = key
+        values = {f"λ_DI={lam}": MISSING for lam in lambdas}
+        for _, row in group.iterrows():
+            values[f"λ_DI={row['lambda_di']}"] = fmt(row["mAP"], row["std"])
+        out.append({"pair": f"{teacher} → {student} ({detector})", "method": METHOD_ROWS[method],
+                    "strategy": show_strategies(strategies), "λ_feat": lambda_feat or MISSING, **values})
+    return pd.DataFrame(out)
+
+
+def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
+    """The poster's motivation: the student's neck through the teacher's head (teacher_head_mAP) beside mAP."""
+    rows = c[(c["method"] != "teacher") & c["teacher_head_mAP"].notna()]
+    return pd.DataFrame([{
+        "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": METHOD_ROWS[r["method"]],
+        "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
+        "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt(r["mAP"], r["std"]),
+        "teacher_head_mAP": fmt(r["teacher_head_mAP"])} for _, r in rows.iterrows()])
