@@ -108,6 +108,18 @@ def _slots(spec: AblationConfig) -> tuple[dict, int]:
     return actor, fits
 
 
+def _widen(spec: AblationConfig, teachers: list[Run], slots: tuple[dict, int]):
+    """Fewer one-worker teachers than slots: each gets the idle slots' CPUs as torch threads."""
+    factor = slots[1] // len(teachers)
+    if factor <= 1 or spec.resources.num_workers > 1 or spec.resources.gpus_per_worker:
+        return spec, slots
+    wider = spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"cpus_per_worker": spec.resources.cpus_per_worker * factor})})
+    for run in teachers:
+        run.cfg.ray.resources_per_worker = {"CPU": wider.resources.cpus_per_worker}
+    return wider, ({"CPU": wider.resources.cpus_per_worker}, len(teachers))
+
+
 def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, slots: tuple[dict, int]):
     """Run `runs` as one Tune run named `phase` under output_dir/name/tune; returns (ResultGrid, wall s)."""
     actor, slots = slots
@@ -166,7 +178,8 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     if missing:
-        results, wall = _tune("teachers", missing, spec, job, restore=False, slots=slots)
+        teachers_spec, teacher_slots = _widen(spec, missing, slots)
+        results, wall = _tune("teachers", missing, teachers_spec, job, restore=False, slots=teacher_slots)
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
