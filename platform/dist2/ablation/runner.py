@@ -38,6 +38,9 @@ REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "tea
 # ---------------------------------------------------------------- one trial (in a Tune trial actor)
 
 def _trial(config: dict) -> None:
+    # The trial's epoch lines reach the driver's console through Ray's log forwarding.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     job = config["run"]
     started = time.monotonic()
     cfg = ExperimentConfig.model_validate(job["cfg"])
@@ -108,16 +111,25 @@ def _slots(spec: AblationConfig) -> tuple[dict, int]:
     return actor, fits
 
 
-def _widen(spec: AblationConfig, teachers: list[Run], slots: tuple[dict, int]):
-    """Fewer one-worker teachers than slots: each gets the idle slots' CPUs as torch threads."""
+def _widen(spec: AblationConfig, teachers: list[Run], slots: tuple[dict, int]) -> tuple[dict, int]:
+    """Fewer one-worker CPU teachers than slots: each gets the idle slots' CPUs as torch threads."""
     factor = slots[1] // len(teachers)
     if factor <= 1 or spec.resources.num_workers > 1 or spec.resources.gpus_per_worker:
-        return spec, slots
-    wider = spec.model_copy(update={"resources": spec.resources.model_copy(
-        update={"cpus_per_worker": spec.resources.cpus_per_worker * factor})})
+        return slots
+    cpus = spec.resources.cpus_per_worker * factor
     for run in teachers:
-        run.cfg.ray.resources_per_worker = {"CPU": wider.resources.cpus_per_worker}
-    return wider, ({"CPU": wider.resources.cpus_per_worker}, len(teachers))
+        run.cfg.ray.resources_per_worker = {"CPU": cpus}
+    return {"CPU": cpus}, len(teachers)
+
+
+def _longest_first(runs: list[Run]) -> list[Run]:
+    """Trials in order of their expected cost (LPT scheduling): the short ones go last and fill the slots the
+    long ones leave, instead of a long trial running alone at the end. Cost: the student's step, plus the
+    teacher's forward for any distillation, plus one pass through the teacher's remaining layers per DI strategy."""
+    def cost(run: Run) -> float:
+        method, k = run.params["method"], int(run.params["num_strategies"])
+        return 1.0 + (method not in ("student", "teacher")) * 0.5 + (method in ("di", "dist2")) * 0.4 * k
+    return sorted(runs, key=cost, reverse=True)
 
 
 def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, slots: tuple[dict, int]):
@@ -131,7 +143,7 @@ def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"run": tune.grid_search([{**run.as_job(), **job} for run in runs])},
+            param_space={"run": tune.grid_search([{**run.as_job(), **job} for run in _longest_first(runs)])},
             # reuse_actors: a trial actor that imported torch serves the next trial (~10 s saved per trial here)
             tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=True,
                                         trial_name_creator=lambda t: t.config["run"]["cfg"]["name"],
@@ -178,8 +190,7 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     if missing:
-        teachers_spec, teacher_slots = _widen(spec, missing, slots)
-        results, wall = _tune("teachers", missing, teachers_spec, job, restore=False, slots=teacher_slots)
+        results, wall = _tune("teachers", missing, spec, job, restore=False, slots=_widen(spec, missing, slots))
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "

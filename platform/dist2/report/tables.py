@@ -27,7 +27,17 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = runs.groupby(CELL, sort=False)
     out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
     out["teacher_head_mAP"] = grouped["teacher_head_mAP"].mean()
-    return out.reset_index()
+    out = out.reset_index()
+    # Rows in the paper's order whatever order the trials ran in: pairs as they first appear, then the method
+    # (teacher, student, baselines, DI, Dist2), the number of strategies, the strategies, λ.
+    pair_order = {pair: i for i, pair in enumerate(dict.fromkeys(out[PAIR].apply(tuple, axis=1)))}
+    order = pd.DataFrame({"pair": out[PAIR].apply(tuple, axis=1).map(pair_order),
+                          "method": out["method"].map(list(METHOD_ROWS).index),
+                          "k": out["strategies"].str.count(",") + (out["strategies"] != ""),
+                          "strategies": out["strategies"].map(show_strategies),
+                          "lambda_di": pd.to_numeric(out["lambda_di"], errors="coerce"),
+                          "lambda_feat": pd.to_numeric(out["lambda_feat"], errors="coerce")})
+    return out.loc[order.sort_values(list(order.columns), kind="stable").index].reset_index(drop=True)
 
 
 def _at_reference(c: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,181 @@
+"""`dist2 ablate` on a real Ray cluster (`ray start --head`, driven through `ray job submit` and `--address`),
+with a real SQLite MLflow store: teachers trained once and reused, Train inside Tune, resume after the driver is
+killed, and the ablation file's mistakes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_cli
+
+TINY_DATA = {"root": None, "synth": {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0},
+             "train_sizes": [64], "test_size": 64, "max_size": 96}
+TINY_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": []}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict:
+    """A tiny teacher and student experiment (FCOS, 16 synthetic images of 64 px)."""
+    folder = tmp_path_factory.mktemp("pair")
+    files = {}
+    for role, model in (("teacher", {"detector": "fcos", "backbone": "resnet10", "channels": 32}),
+                        ("student", {"detector": "fcos", "backbone": "mobilenet_v2", "width_mult": 0.5,
+                                     "channels": 32})):
+        files[role] = folder / f"{role}.yaml"
+        files[role].write_text(yaml.safe_dump({"name": f"tiny_{role}", "data": TINY_DATA, "model": model,
+                                               "train": TINY_TRAIN}))
+    return {"teacher": str(files["teacher"]), "student": str(files["student"]), "teacher_label": "R10",
+            "student_label": "MNV2"}
+
+
+def write_ablation(path: Path, pair: dict, output_dir: Path, grid: list, **extra) -> Path:
+    spec = {"name": path.stem, "output_dir": str(output_dir), "pairs": [pair], "teacher_min_mAP": 0.0,
+            "grid": grid, **extra}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    """One output_dir for the module's ablations: they share the teachers' cache, as a user's do."""
+    return tmp_path_factory.mktemp("shared") / "runs"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real Ray head with its dashboard (job submission) on loopback, 4 logical CPUs, token auth on."""
+    temp = tmp_path_factory.mktemp("ray")
+    token = "dist2-test-" + os.urandom(8).hex()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    port, dashboard = _free_port(), _free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+                    f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray}
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id]) if found else []
+
+
+def test_job_submission_runs_a_grid_with_train_inside_tune(cluster, pair, out, tmp_path):
+    """`ray job submit --working-dir . -- dist2 ablate ...` on loopback with Ray's token auth: the teacher is
+    trained once, each trial launches a 2-worker TorchTrainer, every run lands in MLflow with the schema."""
+    ablation = write_ablation(tmp_path / "jobgrid.yaml", pair, out,
+                              [{"method": ["student"]}, {"method": ["di"], "strategies": [["N2N"]]}],
+                              resources={"num_workers": 2, "cpus_per_worker": 1})
+    # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
+    job = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir",
+                          str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation)],
+                         env=cluster["env"], capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout.lower()
+    assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
+
+    client, runs = _runs(f"sqlite:///{out / 'mlflow.db'}", "jobgrid")
+    by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
+    assert sorted(by_method) == ["di", "student", "teacher"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    di = by_method["di"].data
+    assert {k: di.params[k] for k in ("detector", "teacher", "student", "strategies", "num_strategies",
+                                      "lambda_di", "lambda_feat", "seed")} == {
+        "detector": "fcos", "teacher": "R10", "student": "MNV2", "strategies": "N2N", "num_strategies": "1",
+        "lambda_di": "1.0", "lambda_feat": "", "seed": "0"}
+    assert di.tags["dist2.ablation"] == "jobgrid"
+    assert di.tags["dist2.world_size"] == "2"  # the trial's TorchTrainer worker group
+    assert {"mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP"} <= set(di.metrics)
+    assert by_method["student"].data.params["strategies"] == ""
+    teacher_dirs = list((out / "teachers").iterdir())
+    assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()
+    assert (out / "jobgrid" / "report" / "results.md").is_file()
+
+
+def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
+    """Kill `dist2 ablate` mid-grid, then --resume: finished trials are not rerun, every trial ends with exactly
+    one MLflow run, each epoch logged once; the teacher of the same config is trained once in all."""
+    trained_before = (out / "teachers").is_dir()  # by the job test, with the same teacher config
+    ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
+                              [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
+                              set=["train.epochs=2"], resources={"num_workers": 1, "cpus_per_worker": 1})
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    env = {**cluster["env"]}
+    first = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
+                              cluster["address"]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    finished = []
+    while time.monotonic() < deadline and first.poll() is None:
+        time.sleep(1)
+        if (out / "mlflow.db").is_file():
+            _, runs = _runs(uri, "resumegrid")
+            finished = [r for r in runs if r.info.status == "FINISHED" and r.data.params.get("method") != "teacher"]
+            if finished:
+                break
+    assert finished and first.poll() is None, "no trial finished before the ablation ended: nothing to resume"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {r.info.run_name: r.info.end_time for r in finished}
+
+    second = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--resume", "--address",
+                             cluster["address"]], env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "no grid state to restore" not in second.stderr  # Tuner.restore, not a fresh grid
+
+    client, runs = _runs(uri, "resumegrid")
+    trials = [r for r in runs if r.data.params.get("method") not in (None, "teacher")]
+    names = [r.info.run_name for r in trials]
+    assert sorted(names) == sorted(set(names)) and len(names) == 4  # one run per trial
+    assert all(r.info.status == "FINISHED" for r in trials)
+    for run in trials:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
+        if run.info.run_name in before:
+            assert run.info.end_time == before[run.info.run_name]  # finished before the kill: not rerun
+    teacher = [r for r in runs if r.data.params.get("method") == "teacher"]
+    assert len(teacher) == 1 and teacher[0].info.status == "FINISHED"
+    assert ("dist2.reused_from" in teacher[0].data.tags) == trained_before  # a cached teacher is recorded, reused
+    assert len(list((out / "teachers").iterdir())) == 1
+    assert "teacher(s) (0 to train)" in second.stderr
+
+
+def test_ablation_file_mistakes_exit_2_before_anything_runs(pair, tmp_path, capsys):
+    from dist2.cli import main
+
+    out = tmp_path / "runs"
+    cases = [
+        ({"grid": [{"method": ["dist3"]}]}, "grid.0.method.0"),
+        ({"grid": [{"method": ["di"], "strategies": [["N2N"]], "num_strategies": [2]}]}, "not both"),
+        ({"grid": [{"method": ["di"]}], "skip": [{"metod": "di"}]}, "unknown key(s) metod"),
+        ({"grid": [{"method": ["di"]}], "pairs": [{**pair, "student": str(tmp_path / "nope.yaml")}]},
+         "student config"),
+        ({"grid": [{"method": ["hint"], "strategies": [["B2B"]]}]}, "defined at N2N only"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.yaml"
+        spec = {"name": "bad", "output_dir": str(out), "pairs": [pair], "grid": [{"method": ["student"]}], **change}
+        path.write_text(yaml.safe_dump(spec))
+        assert main(["ablate", str(path)]) == 2, change
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err and "Traceback" not in err, err
+    # The same through the installed command, as a user meets it.
+    result = run_cli("ablate", tmp_path / "bad0.yaml")
+    assert result.returncode == 2 and "dist2: error:" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()  # nothing started: no run folder, no MLflow store
