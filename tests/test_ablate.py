@@ -57,14 +57,15 @@ def out(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A real Ray head with its dashboard (job submission) on loopback, 4 logical CPUs, token auth on."""
+    """A real Ray head with its dashboard (job submission) on loopback, token auth on, and 5 logical CPUs: two
+    2-worker trials at once (each trial's launcher holds a sliver of a CPU)."""
     temp = tmp_path_factory.mktemp("ray")
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dashboard = _free_port(), _free_port()
     ray = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=5",
                     f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray}
@@ -133,7 +134,8 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert finished and first.poll() is None, "no trial finished before the ablation ended: nothing to resume"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    before = {r.info.run_name: r.info.end_time for r in finished}
+    before = {r.info.run_name: (r.info.end_time, (Path(r.data.tags["dist2.run_dir"]) / "model.pth").stat().st_mtime)
+              for r in finished}
 
     second = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--resume", "--address",
                              cluster["address"]], env=env, capture_output=True, text=True, timeout=900)
@@ -148,7 +150,9 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     for run in trials:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
         if run.info.run_name in before:
-            assert run.info.end_time == before[run.info.run_name]  # finished before the kill: not rerun
+            # finished before the kill: neither trained again nor its MLflow run touched
+            weights = Path(run.data.tags["dist2.run_dir"]) / "model.pth"
+            assert (run.info.end_time, weights.stat().st_mtime) == before[run.info.run_name]
     teacher = [r for r in runs if r.data.params.get("method") == "teacher"]
     assert len(teacher) == 1 and teacher[0].info.status == "FINISHED"
     assert ("dist2.reused_from" in teacher[0].data.tags) == trained_before  # a cached teacher is recorded, reused

@@ -158,6 +158,10 @@ def delete_run(uri: str, run_id: str) -> None:
     MlflowClient(uri).delete_run(run_id)
 
 
+def run_status(uri: str, run_id: str) -> str:
+    return _quick_client(uri).get_run(run_id).info.status
+
+
 def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
     client = _quick_client(uri)
     found = client.get_experiment_by_name(experiment)

@@ -32,6 +32,7 @@ from dist2.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
+LAUNCHER_CPU = 0.01  # what the actor of a trial that launches a TorchTrainer holds
 REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_mAP", "epoch")
 
 
@@ -46,8 +47,11 @@ def _trial(config: dict) -> None:
     cfg = ExperimentConfig.model_validate(job["cfg"])
     record = finished_run(cfg)
     if record is not None:
-        # Finished, but the driver died before Tune recorded it: nothing to train, only MLflow to settle.
-        metrics = close_finished(cfg, Path(job["source"]), job["uri"], record["mlflow_run_id"])
+        # Finished, but the driver died before Tune recorded it: nothing to train; close the MLflow run if the
+        # run died between its last checkpoint and closing it.
+        metrics = record["final"]
+        if tracking.run_status(job["uri"], record["mlflow_run_id"]) != "FINISHED":
+            metrics = close_finished(cfg, Path(job["source"]), job["uri"], record["mlflow_run_id"])
     else:
         if cfg.ray.num_workers == 1:
             torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker["CPU"])))
@@ -100,14 +104,16 @@ def _slots(spec: AblationConfig) -> tuple[dict, int]:
 
     r = spec.resources
     need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
+    # A one-worker trial trains in its own actor, which holds the trial's resources; a larger trial's actor only
+    # launches a TorchTrainer, whose workers hold them, and itself holds a sliver of a CPU (Tune needs some).
+    actor = {k: v for k, v in need.items() if v > 0} if r.num_workers == 1 else {"CPU": LAUNCHER_CPU}
+    if r.num_workers > 1:
+        need["CPU"] += LAUNCHER_CPU
     free = ray.available_resources()
     fits = min(int(free.get(k, 0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
         raise UserError(f"resources: one trial needs {need}, the cluster has {free.get('CPU', 0):g} CPU and "
                         f"{free.get('GPU', 0):g} GPU free")
-    # A one-worker trial trains in its own actor, which holds the trial's resources; a larger trial's actor only
-    # launches a TorchTrainer, whose workers hold them.
-    actor = {k: v for k, v in need.items() if v > 0} if r.num_workers == 1 else {"CPU": 0}
     return actor, fits
 
 

@@ -138,8 +138,8 @@ def table2(c: pd.DataFrame) -> pd.DataFrame:
 
 
 def table3(c: pd.DataFrame) -> pd.DataFrame:
-    """Number of strategies used together with DI (the first k of N2N, B2B, B2N, N2B; other subsets get a row
-    of their own), the paper's row (as transcribed) last."""
+    """Number of strategies used together with DI (the first k of N2N, B2B, B2N, N2B; other subsets of two or
+    more get a row of their own), the paper's row (as transcribed) last."""
     c = _at_reference(c)
     out = []
     for pair in _pairs(c):
@@ -150,6 +150,8 @@ def table3(c: pd.DataFrame) -> pd.DataFrame:
             chosen = row["strategies"].split(",")
             k = len(chosen)
             first_k = sorted(chosen) == sorted(STRATEGIES[:k])
+            if k == 1 and not first_k:
+                continue  # one strategy other than N2N: Table 2's row, not a count
             name = "first k" if first_k else show_strategies(row["strategies"])
             rows.setdefault(name, {str(i): MISSING for i in range(1, 5)})[str(k)] = _with_delta(row, base)
         for name, values in sorted(rows.items(), key=lambda kv: kv[0] != "first k"):
