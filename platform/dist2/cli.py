@@ -15,8 +15,8 @@ from dist2.errors import UserError
 log = logging.getLogger("dist2")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="experiment YAML file (see experiments/)")
+def _add_config_args(p: argparse.ArgumentParser, what: str = "experiment YAML file (see experiments/)") -> None:
+    p.add_argument("config", type=Path, help=what)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=2 (repeatable)")
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="run an ablation grid (ablations/*.yaml) as Ray Tune trials, then report",
                        description="Run an ablation grid as Ray Tune trials (teachers first, each trained once), "
                        "log every run to MLflow, and write the report.")
-    _add_config_args(p)
+    _add_config_args(p, "ablation YAML file (see ablations/); --set overrides its keys")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation (Tuner.restore)")
     p.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "

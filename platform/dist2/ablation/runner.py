@@ -17,7 +17,7 @@ MLflowLoggerCallback (which keeps its trial -> run map in memory and opens dupli
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -210,6 +210,11 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     if resume and not restore:
         log.info("%s: no grid state to restore in %s; starting the grid (finished runs are kept)", spec.name, tune_dir)
     results, wall = _tune("grid", runs, spec, job, restore=restore, slots=slots)
+    unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
+    if unfinished:  # Tune stopped early (Ctrl-C): its state is saved
+        print(f"dist2: {spec.name}: interrupted with {len(unfinished)} trial(s) unfinished; continue with "
+              f"dist2 ablate {path} --resume", file=sys.stderr)
+        return 130
     packing = _packing(results, wall, slots[1])
     log.info("%s grid: %d trial(s) in %.0f s on %d slot(s), packing efficiency %.2f", spec.name, len(results),
              wall, slots[1], packing)
