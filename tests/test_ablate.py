@@ -114,18 +114,22 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     trained_before = (out / "teachers").is_dir()  # by the job test, with the same teacher config
     ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
-                              set=["train.epochs=2"], resources={"num_workers": 1, "cpus_per_worker": 1})
+                              set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # = the job test's teacher
+                              resources={"num_workers": 1, "cpus_per_worker": 1})
     uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {**cluster["env"]}
     first = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
-                              cluster["address"]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+                              cluster["address"]], env=env, stdout=(tmp_path / "first.log").open("w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
     finished = []
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(1)
-        if (out / "mlflow.db").is_file():
+        try:
             _, runs = _runs(uri, "resumegrid")
+        except Exception:  # the store is being created by the driver
+            continue
+        if runs:
             finished = [r for r in runs if r.info.status == "FINISHED" and r.data.params.get("method") != "teacher"]
             if finished:
                 break
