@@ -1,7 +1,9 @@
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,31 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(port: int, backend_uri: str, artifacts: Path) -> subprocess.Popen:
+    """A real `mlflow server` on loopback, returned once it answers."""
+    from mlflow.tracking import MlflowClient
+
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = MlflowClient(f"http://127.0.0.1:{port}"), time.time() + 120
+    while True:
+        try:
+            client.search_experiments()
+            return server
+        except Exception:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=30)

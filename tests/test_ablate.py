@@ -1,12 +1,14 @@
-"""`dist2 ablate` on a real Ray cluster (`ray start --head`, driven through `ray job submit` and `--address`),
-with a real SQLite MLflow store: teachers trained once and reused, Train inside Tune, resume after the driver is
-killed, and the ablation file's mistakes."""
+"""`dist2 ablate` on a real two-node Ray cluster on loopback (`ray start --head` + `ray start --address`), driven
+through `ray job submit` with Ray's token auth and through `--address`, logging to a real `mlflow server` on a real
+PostgreSQL and to SQLite: teachers trained once and reused, Train inside Tune across both nodes, resume after the
+driver is killed, and the ablation file's mistakes."""
 
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,17 +16,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli, start_mlflow_server, stop
 
 TINY_DATA = {"root": None, "synth": {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0},
              "train_sizes": [64], "test_size": 64, "max_size": 96}
 TINY_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": []}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +51,66 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared") / "runs"
 
 
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root (CI runs as root): its commands then run as the `postgres` user.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A real Ray head with its dashboard (job submission) on loopback, token auth on, and 5 logical CPUs: two
-    2-worker trials at once (each trial's launcher holds a sliver of a CPU)."""
+def postgres():
+    """A real PostgreSQL server (Debian's package, installed by .ci/run) on loopback, password auth, with an
+    empty `mlflow` database; yields its URI."""
+    import psycopg
+
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    assert bins, "PostgreSQL is not installed: .ci/run installs Debian's postgresql package"
+    bin_dir = bins[-1].parent
+    home = Path(tempfile.mkdtemp(prefix="dist2-pg-"))  # not under pytest's root-only folder: postgres reads it
+    password, port = os.urandom(12).hex(), free_port()
+    (home / "pw").write_text(password)
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres")
+        shutil.chown(home / "pw", "postgres")
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(home / "data"), "-U", "postgres",
+                                 "--auth=scram-sha-256", f"--pwfile={home / 'pw'}"]),
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-l", str(home / "log"), "-w",
+                                 "-o", f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={home}",
+                                 "start"]), check=True, capture_output=True, timeout=120)
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres",
+                             autocommit=True) as admin:
+            admin.execute("CREATE DATABASE mlflow")
+        yield f"postgresql://postgres:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-m", "fast", "stop"]),
+                       capture_output=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, postgres):
+    """A real two-node Ray cluster on loopback (`ray start --head` + `ray start --address`, token auth on), its
+    dashboard taking jobs, and a real `mlflow server` on the PostgreSQL server. The head has 3 CPUs and the
+    second node 2, so a trial of two 2-CPU workers must put one worker on each node."""
     temp = tmp_path_factory.mktemp("ray")
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, mlflow_port = free_port(), free_port(), free_port()
     ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=5",
-                    f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats"],
+    common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
                    env=env, check=True, capture_output=True, timeout=120)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray}
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    *common], env=env, check=True, capture_output=True, timeout=120)
+    server = start_mlflow_server(mlflow_port, postgres, temp / "mlartifacts")
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+               "ray": ray, "tracking_uri": f"http://127.0.0.1:{mlflow_port}"}
+    finally:
+        stop(server)
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def _runs(uri: str, experiment: str):
@@ -78,20 +119,23 @@ def _runs(uri: str, experiment: str):
     return client, client.search_runs([found.experiment_id]) if found else []
 
 
-def test_job_submission_runs_a_grid_with_train_inside_tune(cluster, pair, out, tmp_path):
-    """`ray job submit --working-dir . -- dist2 ablate ...` on loopback with Ray's token auth: the teacher is
-    trained once, each trial launches a 2-worker TorchTrainer, every run lands in MLflow with the schema."""
+def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, pair, out, tmp_path):
+    """`ray job submit --working-dir . -- dist2 ablate ...` with Ray's token auth: the teacher is trained once,
+    the trial launches a TorchTrainer whose two workers run on both nodes, and every run lands in the
+    PostgreSQL-backed MLflow server with the schema."""
+    # Two 2-CPU workers fit no single node (3 and 2 CPUs): the worker group spans both.
     ablation = write_ablation(tmp_path / "jobgrid.yaml", pair, out, [{"method": ["di"], "strategies": [["N2N"]]}],
-                              resources={"num_workers": 2, "cpus_per_worker": 1})
+                              resources={"num_workers": 2, "cpus_per_worker": 2})
     # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
     job = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir",
-                          str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation)],
+                          str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation),
+                          "--tracking-uri", cluster["tracking_uri"]],
                          env=cluster["env"], capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout.lower()
     assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
 
-    client, runs = _runs(f"sqlite:///{out / 'mlflow.db'}", "jobgrid")
+    client, runs = _runs(cluster["tracking_uri"], "jobgrid")
     by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
     assert sorted(by_method) == ["di", "teacher"]
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -101,11 +145,12 @@ def test_job_submission_runs_a_grid_with_train_inside_tune(cluster, pair, out, t
         "detector": "fcos", "teacher": "R10", "student": "MNV2", "strategies": "N2N", "num_strategies": "1",
         "lambda_di": "1.0", "lambda_feat": "", "seed": "0"}
     assert di.tags["dist2.ablation"] == "jobgrid"
-    assert di.tags["dist2.world_size"] == "2"  # the trial's TorchTrainer worker group
+    assert (di.tags["dist2.world_size"], di.tags["dist2.nodes"]) == ("2", "2")  # a worker group on both nodes
     assert {"mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP"} <= set(di.metrics)
     teacher_dirs = list((out / "teachers").iterdir())
     assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()
     assert (out / "jobgrid" / "report" / "results.md").is_file()
+    assert not (out / "mlflow.db").exists()  # everything went to the server
 
 
 def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):

@@ -1,5 +1,4 @@
 import pytest
-import yaml
 
 from conftest import run_cli, tiny_config, write_config
 from dist2.config import flatten, load_config

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import distill_config, read_json, run_cli, tiny_config, write_config
+from conftest import (distill_config, free_port, read_json, run_cli, start_mlflow_server, stop, tiny_config,
+                      write_config)
 from dist2.config import load_config
 
 
@@ -139,36 +139,14 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_with_every_epoch_logge
     assert _epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5, 6]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mlflow_server(port: int, store: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
-                               "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client, deadline = MlflowClient(f"http://127.0.0.1:{port}"), time.time() + 120
-    while True:
-        try:
-            client.search_experiments()
-            return server
-        except Exception:
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(1)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    server.wait(timeout=30)
+    return start_mlflow_server(port, f"sqlite:///{store / 'server.db'}", store / "artifacts")
 
 
 def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root,
                                                                 train={"epochs": 5, "lr_steps": []}))
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     result = run_cli("train", cfg_path, "--tracking-uri", uri)
     assert result.returncode == 2, result.stderr
@@ -186,7 +164,7 @@ def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, sy
             while not marker.exists() and driver.poll() is None:
                 time.sleep(0.05)
             if action == "stop":
-                _stop(server)
+                stop(server)
             else:
                 server = _mlflow_server(port, tmp_path)
         output, _ = driver.communicate(timeout=600)
@@ -197,7 +175,7 @@ def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, sy
         assert run.info.status == "FINISHED" and _epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pth", "metrics.json"}
     finally:
-        _stop(server)
+        stop(server)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -34,7 +34,8 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     order = pd.DataFrame({"pair": out[PAIR].apply(tuple, axis=1).map(pair_order),
                           "method": out["method"].map(list(METHOD_ROWS).index),
                           "k": out["strategies"].str.count(",") + (out["strategies"] != ""),
-                          "strategies": out["strategies"].map(show_strategies),
+                          "strategies": out["strategies"].map(
+                              lambda s: tuple(sorted(STRATEGIES.index(x) for x in s.split(",") if x))),
                           "lambda_di": pd.to_numeric(out["lambda_di"], errors="coerce"),
                           "lambda_feat": pd.to_numeric(out["lambda_feat"], errors="coerce")})
     return out.loc[order.sort_values(list(order.columns), kind="stable").index].reset_index(drop=True)
