@@ -119,47 +119,12 @@ def _runs(uri: str, experiment: str):
     return client, client.search_runs([found.experiment_id]) if found else []
 
 
-def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, pair, out, tmp_path):
-    """`ray job submit --working-dir . -- dist2 ablate ...` with Ray's token auth: the teacher is trained once,
-    the trial launches a TorchTrainer whose two workers run on both nodes, and every run lands in the
-    PostgreSQL-backed MLflow server with the schema."""
-    # Two 2-CPU workers fit no single node (3 and 2 CPUs): the worker group spans both.
-    ablation = write_ablation(tmp_path / "jobgrid.yaml", pair, out, [{"method": ["di"], "strategies": [["N2N"]]}],
-                              resources={"num_workers": 2, "cpus_per_worker": 2})
-    # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
-    job = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir",
-                          str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation),
-                          "--tracking-uri", cluster["tracking_uri"]],
-                         env=cluster["env"], capture_output=True, text=True, timeout=900)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in job.stdout.lower()
-    assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
-
-    client, runs = _runs(cluster["tracking_uri"], "jobgrid")
-    by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
-    assert sorted(by_method) == ["di", "teacher"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    di = by_method["di"].data
-    assert {k: di.params[k] for k in ("detector", "teacher", "student", "strategies", "num_strategies",
-                                      "lambda_di", "lambda_feat", "seed")} == {
-        "detector": "fcos", "teacher": "R10", "student": "MNV2", "strategies": "N2N", "num_strategies": "1",
-        "lambda_di": "1.0", "lambda_feat": "", "seed": "0"}
-    assert di.tags["dist2.ablation"] == "jobgrid"
-    assert (di.tags["dist2.world_size"], di.tags["dist2.nodes"]) == ("2", "2")  # a worker group on both nodes
-    assert {"mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP"} <= set(di.metrics)
-    teacher_dirs = list((out / "teachers").iterdir())
-    assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()
-    assert (out / "jobgrid" / "report" / "results.md").is_file()
-    assert not (out / "mlflow.db").exists()  # everything went to the server
-
-
 def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     """Kill `dist2 ablate` mid-grid, then --resume: finished trials are not rerun, every trial ends with exactly
-    one MLflow run, each epoch logged once; the teacher of the same config is trained once in all."""
-    trained_before = (out / "teachers").is_dir()  # by the job test, with the same teacher config
+    one MLflow run, each epoch logged once."""
     ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
-                              set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # = the job test's teacher
+                              set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
                               resources={"num_workers": 1, "cpus_per_worker": 1})
     uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {**cluster["env"]}
@@ -204,9 +169,45 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
             assert (run.info.end_time, weights.stat().st_mtime) == before[run.info.run_name]
     teacher = [r for r in runs if r.data.params.get("method") == "teacher"]
     assert len(teacher) == 1 and teacher[0].info.status == "FINISHED"
-    assert ("dist2.reused_from" in teacher[0].data.tags) == trained_before  # a cached teacher is recorded, reused
-    assert len(list((out / "teachers").iterdir())) == 1
     assert "teacher(s) (0 to train)" in second.stderr
+
+
+def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, pair, out, tmp_path):
+    """`ray job submit --working-dir . -- dist2 ablate ...` with Ray's token auth: the teacher is trained once,
+    the trial launches a TorchTrainer whose two workers run on both nodes, and every run lands in the
+    PostgreSQL-backed MLflow server with the schema. The teacher (same config as the resume test's, other
+    resources) is trained once in all: found in the shared cache, it is recorded, not retrained."""
+    trained_before = (out / "teachers").is_dir()
+    # Two 2-CPU workers fit no single node (3 and 2 CPUs): the worker group spans both.
+    ablation = write_ablation(tmp_path / "jobgrid.yaml", pair, out, [{"method": ["di"], "strategies": [["N2N"]]}],
+                              resources={"num_workers": 2, "cpus_per_worker": 2})
+    # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
+    job = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir",
+                          str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation),
+                          "--tracking-uri", cluster["tracking_uri"]],
+                         env=cluster["env"], capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout.lower()
+    assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
+
+    client, runs = _runs(cluster["tracking_uri"], "jobgrid")
+    by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
+    assert sorted(by_method) == ["di", "teacher"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    di = by_method["di"].data
+    assert {k: di.params[k] for k in ("detector", "teacher", "student", "strategies", "num_strategies",
+                                      "lambda_di", "lambda_feat", "seed")} == {
+        "detector": "fcos", "teacher": "R10", "student": "MNV2", "strategies": "N2N", "num_strategies": "1",
+        "lambda_di": "1.0", "lambda_feat": "", "seed": "0"}
+    assert di.tags["dist2.ablation"] == "jobgrid"
+    assert (di.tags["dist2.world_size"], di.tags["dist2.nodes"]) == ("2", "2")  # a worker group on both nodes
+    assert {"mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP"} <= set(di.metrics)
+    teacher_dirs = list((out / "teachers").iterdir())
+    assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()
+    assert ("dist2.reused_from" in by_method["teacher"].data.tags) == trained_before
+    assert by_method["teacher"].info.status == "FINISHED"
+    assert (out / "jobgrid" / "report" / "results.md").is_file()
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("jobgrid") is None  # all on the server
 
 
 def test_ablation_file_mistakes_exit_2_before_anything_runs(pair, tmp_path, capsys):

@@ -17,6 +17,7 @@ MLflowLoggerCallback (which keeps its trial -> run map in memory and opens dupli
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,11 +119,15 @@ def _slots(spec: AblationConfig) -> tuple[dict, int]:
 
 
 def _widen(spec: AblationConfig, teachers: list[Run], slots: tuple[dict, int]) -> tuple[dict, int]:
-    """Fewer one-worker CPU teachers than slots: each gets the idle slots' CPUs as torch threads."""
+    """Fewer one-worker CPU teachers than slots: each gets the idle slots' CPUs as torch threads, as many as one
+    node holds (a trial actor lives on one node)."""
+    import ray
+
     factor = slots[1] // len(teachers)
     if factor <= 1 or spec.resources.num_workers > 1 or spec.resources.gpus_per_worker:
         return slots
-    cpus = spec.resources.cpus_per_worker * factor
+    largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    cpus = max(spec.resources.cpus_per_worker, min(spec.resources.cpus_per_worker * factor, largest_node))
     for run in teachers:
         run.cfg.ray.resources_per_worker = {"CPU": cpus}
     return {"CPU": cpus}, len(teachers)
@@ -186,6 +191,10 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     if (tune_dir / "grid").exists() and not resume:
         raise UserError(f"{path}: ablation {spec.name} has already run in {tune_dir.parent}; pass --resume to "
                         "continue it (finished trials are kept), or delete that folder to start over")
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    # Every path is absolute from here on. Work in output_dir: a Ray job's working directory is a temporary copy
+    # that Ray may unpack again under a running driver (seen with two nodes on one machine), and Tune needs a cwd.
+    os.chdir(spec.output_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
     tracking.experiment_id(uri, spec.name)  # the store is usable, and the experiment exists before any trial
     start_ray(address)
