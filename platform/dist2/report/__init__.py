@@ -14,7 +14,7 @@ import pandas as pd
 from dist2 import tracking
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
-from dist2.report import plots, tables
+from dist2.report import paper, plots, tables
 
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP")
 TITLES = {
@@ -64,9 +64,8 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str) -> 
         frame = BUILDERS[name](c)
         lines += [f"## {TITLES[name]}", ""]
         lines += [frame.to_markdown(index=False, disable_numparse=True) if not frame.empty else "(no runs for this table)", ""]
-        if name == "table1" and frame.get(next((k for k in frame.columns if k.startswith("paper mAP")), ""),
-                                          pd.Series(dtype=str)).str.endswith("*").any():
-            lines += [f"\\* {tables.paper.NOTES['*']}", ""]
+        if any(str(cell).endswith("*") for cell in frame.to_numpy().ravel()):
+            lines += [f"\\* {paper.NOTES['*']}", ""]
         if name == "table3":
             lines += ["The paper's Table 3 row repeats its Table 2 row in the source (probably a transcription "
                       "error); it is shown as transcribed.", ""]
