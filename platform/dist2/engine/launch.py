@@ -232,12 +232,12 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
     latest = _latest_checkpoint(run_storage)
     _check_same_experiment(cfg, latest)
     previous = json.loads((latest / METRICS).read_text()) if latest else None
-    if previous and previous["final"]["epoch"] >= cfg.train.epochs and finished_run(cfg) is None:
-        # Trained to the end but stopped before its run folder and MLflow run were closed: close them now.
-        _copy_final(latest, cfg.run_dir)
-        return close_finished(cfg, source, tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir),
-                              previous["mlflow_run_id"])
     if previous and previous["final"]["epoch"] >= cfg.train.epochs:
+        if finished_run(cfg) is None:
+            # Trained to the end but stopped before its run folder and MLflow run were closed: close them now.
+            _copy_final(latest, cfg.run_dir)
+            return close_finished(cfg, source, tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir),
+                                  previous["mlflow_run_id"])
         raise UserError(f"{cfg.name}: this run already finished its {cfg.train.epochs} epochs ({cfg.run_dir}); "
                         "pick another name, delete that folder, or raise train.epochs to continue it")
     uri = tracking.resolve_tracking_uri(tracking_uri, cfg.output_dir)
