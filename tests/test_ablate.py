@@ -20,7 +20,8 @@ from conftest import REPO, free_port, run_cli, start_mlflow_server, stop
 
 TINY_DATA = {"root": None, "synth": {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0},
              "train_sizes": [64], "test_size": 64, "max_size": 96}
-TINY_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": []}
+# train.device: cpu computes on the CPU even in trials that hold the nodes' declared (not real) GPUs.
+TINY_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": [], "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +89,43 @@ def postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
+NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # worker nodes; the GPUs are declared, not real
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, postgres):
-    """A real two-node Ray cluster on loopback (`ray start --head` + `ray start --address`, token auth on), its
-    dashboard taking jobs, and a real `mlflow server` on the PostgreSQL server. The head has 3 CPUs and the
-    second node 2, so a trial of two 2-CPU workers must put one worker on each node."""
+    """A real Ray cluster on loopback (`ray start --head`, token auth on) whose head has no CPU, as on an
+    autoscaling cloud cluster, its dashboard taking jobs, and a real `mlflow server` on the PostgreSQL server.
+    `add_node()` starts the next of NODES (`ray start --address`); `grow()` starts all that are not up yet, so
+    every test can have the full cluster. Two 2-CPU workers fit no single node: they span both."""
     temp = tmp_path_factory.mktemp("ray")
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dashboard, mlflow_port = free_port(), free_port(), free_port()
     ray = str(Path(sys.executable).parent / "ray")
     common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
                    env=env, check=True, capture_output=True, timeout=120)
-    subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    *common], env=env, check=True, capture_output=True, timeout=120)
+    started: list[float] = []  # when each node joined (time.time())
+
+    def add_node() -> float:
+        node = NODES[len(started)]
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        started.append(time.time())
+        return started[-1]
+
+    def grow() -> None:
+        while len(started) < len(NODES):
+            add_node()
+
     server = start_mlflow_server(mlflow_port, postgres, temp / "mlartifacts")
     try:
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-               "ray": ray, "tracking_uri": f"http://127.0.0.1:{mlflow_port}"}
+               "ray": ray, "tracking_uri": f"http://127.0.0.1:{mlflow_port}", "add_node": add_node, "grow": grow,
+               "nodes": started}
     finally:
         stop(server)
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -119,9 +137,104 @@ def _runs(uri: str, experiment: str):
     return client, client.search_runs([found.experiment_id]) if found else []
 
 
+def _poll_runs(uri: str, experiment: str) -> list:
+    try:
+        return _runs(uri, experiment)[1]
+    except Exception:  # the store is being created by the driver
+        return []
+
+
+def _grid(runs) -> list:
+    return [r for r in runs if r.data.params.get("method") not in (None, "teacher")]
+
+
+def _max_overlap(runs, before: float = float("inf")) -> int:
+    """The most runs that were open at once (MLflow start/end times), counting runs started before `before` only."""
+    events = sorted([(r.info.start_time / 1000, 1) for r in runs if r.info.start_time / 1000 < before]
+                    + [(r.info.end_time / 1000, -1) for r in runs if r.info.start_time / 1000 < before])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, out, tmp_path):
+    """Submitted to a cluster with no CPU at all (the head's is 0), the ablation waits instead of refusing; a node
+    joining ~20 s later runs the teacher and the first trials one at a time (2-CPU trials on a 3-CPU node), and a
+    second node joining mid-grid is used by the remaining trials at once."""
+    assert not cluster["nodes"], "this test runs first, on the bare head"
+    ablation = write_ablation(tmp_path / "growgrid.yaml", pair, out,
+                              [{"method": ["student"], "seed": [0, 1]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
+                              set=["train.epochs=4"], teacher_set=["train.epochs=1"],  # the module's teacher
+                              resources={"num_workers": 1, "cpus_per_worker": 2})
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    log = tmp_path / "ablate.log"
+    driver = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
+                               cluster["address"]], env=cluster["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        time.sleep(20)
+        assert driver.poll() is None, log.read_text()[-3000:]  # waiting, not refused
+        assert not _poll_runs(uri, "growgrid")  # and nothing started
+        cluster["add_node"]()
+        deadline = time.monotonic() + 600
+        while not any(r.info.status == "FINISHED" for r in _grid(_poll_runs(uri, "growgrid"))):
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        second = cluster["add_node"]()
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        driver.kill()
+    runs = [r for r in _poll_runs(uri, "growgrid") if r.data.tags.get("dist2.kind") != "report"]
+    grid = _grid(runs)
+    assert len(grid) == 5 and len({r.info.run_name for r in grid}) == 5
+    assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 6  # the grid and its teacher
+    assert (out / "growgrid" / "report" / "results.md").is_file()
+    assert _max_overlap(grid, before=second) == 1  # one node of 3 CPUs: one 2-CPU trial at a time
+    assert _max_overlap(grid) == 2  # the second node took a trial as soon as it joined
+    assert len({r.data.tags["dist2.node_ids"] for r in grid}) == 2
+
+
+def test_wait_timeout_ends_a_job_no_node_can_hold_with_exit_3_and_the_resume_command(cluster, pair, out, tmp_path):
+    """No node holds a 4-CPU trial and, without an autoscaler, one may still be added by hand: the job waits,
+    and --wait-timeout ends it with what it waited for, leaving no MLflow run open."""
+    cluster["grow"]()
+    ablation = write_ablation(tmp_path / "toobig.yaml", pair, out, [{"method": ["student"]}],
+                              resources={"num_workers": 1, "cpus_per_worker": 4})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
+                             cluster["address"], "--wait-timeout", "8"], env=cluster["env"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-3000:]
+    err = result.stderr
+    assert "waited 8 s (--wait-timeout) with no trial running: one trial needs {CPU: 4}; the cluster has 5 CPU" \
+        in err, err[-3000:]
+    assert f"continue with dist2 ablate {ablation} --resume" in err and "Traceback" not in err
+    assert time.monotonic() - started < 120
+    assert not [r for r in _poll_runs(f"sqlite:///{out / 'mlflow.db'}", "toobig") if r.info.status == "RUNNING"]
+
+
+def test_gpu_trials_take_one_declared_gpu_each_and_get_cuda_visible_devices(cluster, pair, out, tmp_path):
+    """Nodes that declare one GPU each (`ray start --num-gpus 1`): one-GPU trials run one per GPU slot (two at
+    once although the CPUs hold five), each on its own node, and Ray gives each worker its GPU as
+    CUDA_VISIBLE_DEVICES (train.device: cpu computes on the CPU: there is no real GPU here)."""
+    cluster["grow"]()
+    ablation = write_ablation(tmp_path / "gpugrid.yaml", pair, out, [{"method": ["student"], "seed": [0, 1, 2, 3]}],
+                              resources={"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1})
+    result = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
+                             cluster["address"]], env=cluster["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = _grid(_poll_runs(f"sqlite:///{out / 'mlflow.db'}", "gpugrid"))
+    assert len(grid) == 4 and all(r.info.status == "FINISHED" for r in grid)
+    assert _max_overlap(grid) == 2
+    assert {r.data.tags["dist2.cuda_visible_devices"] for r in grid} == {"0"}
+    assert len({r.data.tags["dist2.node_ids"] for r in grid}) == 2
+
+
 def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     """Kill `dist2 ablate` mid-grid, then --resume: finished trials are not rerun, every trial ends with exactly
     one MLflow run, each epoch logged once."""
+    cluster["grow"]()
     ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
                               set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
@@ -177,10 +290,11 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
     the trial launches a TorchTrainer whose two workers run on both nodes, and every run lands in the
     PostgreSQL-backed MLflow server with the schema. The teacher (same config as the resume test's, other
     resources) is trained once in all: found in the shared cache, it is recorded, not retrained."""
+    cluster["grow"]()
     trained_before = (out / "teachers").is_dir()
-    # Two 2-CPU workers fit no single node (3 and 2 CPUs): the worker group spans both.
+    # Two workers of 2 CPUs and 1 GPU fit no single node (3 and 2 CPUs, 1 GPU each): the worker group spans both.
     ablation = write_ablation(tmp_path / "jobgrid.yaml", pair, out, [{"method": ["di"], "strategies": [["N2N"]]}],
-                              resources={"num_workers": 2, "cpus_per_worker": 2})
+                              resources={"num_workers": 2, "cpus_per_worker": 2, "gpus_per_worker": 1})
     # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
     job = subprocess.run([cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir",
                           str(REPO), "--", sys.executable, "-m", "dist2", "ablate", str(ablation),
@@ -201,6 +315,7 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
         "lambda_di": "1.0", "lambda_feat": "", "seed": "0"}
     assert di.tags["dist2.ablation"] == "jobgrid"
     assert (di.tags["dist2.world_size"], di.tags["dist2.nodes"]) == ("2", "2")  # a worker group on both nodes
+    assert di.tags["dist2.cuda_visible_devices"] == "0;0"  # each worker: its node's one GPU, as Ray set it
     assert {"mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP"} <= set(di.metrics)
     teacher_dirs = list((out / "teachers").iterdir())
     assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()

@@ -105,7 +105,7 @@ def cmd_ablate(args) -> int:
     from dist2.ablation.runner import ablate
 
     return ablate(args.config, args.overrides, resume=args.resume, address=args.address,
-                  tracking_uri=args.tracking_uri)
+                  tracking_uri=args.tracking_uri, wait_timeout=args.wait_timeout)
 
 
 def cmd_report(args) -> int:
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                    "sqlite:///<output_dir>/mlflow.db)")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="end the job (exit 3, resumable) after waiting this long with no trial running for lack "
+                   "of resources (default: wait as long as it takes)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="results.md in the paper's layout from an MLflow experiment's runs")

@@ -15,3 +15,10 @@ class RunFailed(UserError):
     reason in one line, and the MLflow run marked FAILED with it."""
 
     exit_code = 1
+
+
+class WaitedTooLong(UserError):
+    """An ablation that waited `--wait-timeout` seconds with no trial running: exit code 3, what it waited for,
+    and the `--resume` command (its Tune state is saved)."""
+
+    exit_code = 3

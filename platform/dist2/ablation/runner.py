@@ -20,20 +20,22 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from ray import tune
 
 from dist2 import tracking
+from dist2.ablation import scheduling
+from dist2.ablation.scheduling import Footprint, LiveCapacity
 from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import close_finished, finished_run, launch, start_ray
-from dist2.errors import RunFailed, UserError
+from dist2.errors import RunFailed, UserError, WaitedTooLong
 
 log = logging.getLogger(__name__)
 
-LAUNCHER_CPU = 0.01  # what the actor of a trial that launches a TorchTrainer holds
 REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_mAP", "epoch")
 
 
@@ -99,38 +101,22 @@ class Progress(tune.Callback):
             self._line(trials)
 
 
-def _slots(spec: AblationConfig) -> tuple[dict, int]:
-    """(resources of one trial's actor, trials that fit the cluster's free resources at once)."""
+def _widen(teachers: list[Run], footprint: Footprint) -> tuple[list[Run], Footprint]:
+    """Fewer one-worker CPU teachers than the trials the cluster's idle CPUs hold *now*: each teacher gets its
+    share of those CPUs as torch threads, as many as one node holds (a trial actor lives on one node)."""
     import ray
 
-    r = spec.resources
-    need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
-    # A one-worker trial trains in its own actor, which holds the trial's resources; a larger trial's actor only
-    # launches a TorchTrainer, whose workers hold them, and itself holds a sliver of a CPU (Tune needs some).
-    actor = {k: v for k, v in need.items() if v > 0} if r.num_workers == 1 else {"CPU": LAUNCHER_CPU}
-    if r.num_workers > 1:
-        need["CPU"] += LAUNCHER_CPU
-    free = ray.available_resources()
-    fits = min(int(free.get(k, 0) // v) for k, v in need.items() if v > 0)
-    if fits < 1:
-        raise UserError(f"resources: one trial needs {need}, the cluster has {free.get('CPU', 0):g} CPU and "
-                        f"{free.get('GPU', 0):g} GPU free")
-    return actor, fits
-
-
-def _widen(spec: AblationConfig, teachers: list[Run], slots: tuple[dict, int]) -> tuple[dict, int]:
-    """Fewer one-worker CPU teachers than slots: each gets the idle slots' CPUs as torch threads, as many as one
-    node holds (a trial actor lives on one node)."""
-    import ray
-
-    factor = slots[1] // len(teachers)
-    if factor <= 1 or spec.resources.num_workers > 1 or spec.resources.gpus_per_worker:
-        return slots
+    if footprint.num_workers > 1 or "GPU" in footprint.per_worker:
+        return teachers, footprint
+    factor = footprint.slots(ray.available_resources()) // len(teachers)
+    if factor <= 1:
+        return teachers, footprint
+    cpus = footprint.per_worker["CPU"]
     largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
-    cpus = max(spec.resources.cpus_per_worker, min(spec.resources.cpus_per_worker * factor, largest_node))
-    for run in teachers:
-        run.cfg.ray.resources_per_worker = {"CPU": cpus}
-    return {"CPU": cpus}, len(teachers)
+    cpus = max(cpus, min(cpus * factor, largest_node))
+    wide = [replace(run, cfg=run.cfg.model_copy(update={"ray": run.cfg.ray.model_copy(
+        update={"resources_per_worker": {"CPU": cpus}})})) for run in teachers]
+    return wide, Footprint.of(1, cpus, 0)
 
 
 def _longest_first(runs: list[Run]) -> list[Run]:
@@ -143,11 +129,13 @@ def _longest_first(runs: list[Run]) -> list[Run]:
     return sorted(runs, key=cost, reverse=True)
 
 
-def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, slots: tuple[dict, int]):
-    """Run `runs` as one Tune run named `phase` under output_dir/name/tune; returns (ResultGrid, wall s)."""
-    actor, slots = slots
-    trainable = tune.with_resources(_trial, actor)
+def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, footprint: Footprint,
+          wait_timeout: float | None):
+    """Run `runs` as one Tune run named `phase` under output_dir/name/tune; returns (ResultGrid, wall s, watch)."""
+    trainable = tune.with_resources(_trial, footprint.trial_resources())
     path = spec.output_dir / spec.name / "tune"
+    key = f"{spec.name} {phase}"
+    watch = scheduling.watch(key, footprint, wait_timeout)
     started = time.monotonic()
     if restore:
         tuner = tune.Tuner.restore(str(path / phase), trainable, resume_unfinished=True, resume_errored=True)
@@ -156,20 +144,30 @@ def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore:
             trainable,
             param_space={"run": tune.grid_search([{**run.as_job(), **job} for run in _longest_first(runs)])},
             # reuse_actors: a trial actor that imported torch serves the next trial (~10 s saved per trial here)
-            tune_config=tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=True,
+            tune_config=tune.TuneConfig(search_alg=LiveCapacity(footprint, spec.max_concurrent), reuse_actors=True,
                                         trial_name_creator=lambda t: t.config["run"]["cfg"]["name"],
                                         trial_dirname_creator=lambda t: t.config["run"]["cfg"]["name"]),
             run_config=tune.RunConfig(name=phase, storage_path=str(path), verbose=0,
-                                      callbacks=[Progress(f"{spec.name} {phase}", len(runs))]))
-    log.info("%s %s: %d trial(s), up to %d at once", spec.name, phase, len(runs), slots)
-    results = tuner.fit()
-    return results, time.monotonic() - started
+                                      callbacks=[Progress(key, len(runs)), scheduling.Watch(key)]))
+    log.info("%s: %d trial(s) of %s each, as many at once as the cluster holds%s", key, len(runs), footprint,
+             f" (at most {spec.max_concurrent})" if spec.max_concurrent else "")
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        if not watch.timed_out:
+            raise
+        results = None  # the wait timeout's SIGINT reached us rather than Tune's handler: Tune saved its state
+    return results, time.monotonic() - started, watch
 
 
-def _packing(results, wall: float, slots: int) -> float:
-    """Σ trial wall time / (phase wall time × concurrent slots): 1 = no slot ever idle."""
-    busy = sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
-    return busy / (wall * min(slots, len(results))) if wall > 0 else 0.0
+def _stopped_waiting(path: Path, watch: scheduling.PhaseWatch) -> UserError:
+    return WaitedTooLong(f"{watch.phase}: waited {watch.wait_timeout:g} s (--wait-timeout) with no trial running: "
+                         f"{scheduling.cluster_line(watch.footprint)}; add resources and continue with "
+                         f"dist2 ablate {path} --resume")
+
+
+def _trial_seconds(results) -> float:
+    return sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
 
 
 def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) -> None:
@@ -180,9 +178,8 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) ->
                                                   "dist2.reused_from": record["mlflow_run_id"]})
 
 
-def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None) -> int:
-    from dist2.report import write_report
-
+def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
+           wait_timeout: float | None = None) -> int:
     spec = load_ablation(path, overrides)
     source = Path(path).absolute()
     teachers = teacher_runs(spec, source)
@@ -191,26 +188,42 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     if (tune_dir / "grid").exists() and not resume:
         raise UserError(f"{path}: ablation {spec.name} has already run in {tune_dir.parent}; pass --resume to "
                         "continue it (finished trials are kept), or delete that folder to start over")
+    r = spec.resources
+    footprint = Footprint.of(r.num_workers, r.cpus_per_worker, r.gpus_per_worker)
+    start_ray(address)
+    scheduling.refuse_impossible(footprint, scheduling.declared_node_types())
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     # Every path is absolute from here on. Work in output_dir: a Ray job's working directory is a temporary copy
     # that Ray may unpack again under a running driver (seen with two nodes on one machine), and Tune needs a cwd.
     os.chdir(spec.output_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
     tracking.experiment_id(uri, spec.name)  # the store is usable, and the experiment exists before any trial
-    start_ray(address)
-    slots = _slots(spec)  # from the cluster's free resources before any trial holds some
     job = {"uri": uri, "experiment": spec.name, "source": str(source)}
-
     missing = [t for t in teachers if finished_run(t.cfg) is None]
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
+    scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
+    try:
+        return _run_phases(path, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout)
+    finally:
+        scheduling.release_request()
+
+
+def _run_phases(path, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout) -> int:
+    from dist2.report import write_report
+
+    uri, tune_dir = job["uri"], spec.output_dir / spec.name / "tune"
     if missing:
-        results, wall = _tune("teachers", missing, spec, job, restore=False, slots=_widen(spec, missing, slots))
+        wide, wide_footprint = _widen(missing, footprint)
+        results, wall, watch = _tune("teachers", wide, spec, job, False, wide_footprint, wait_timeout)
+        if watch.timed_out:
+            raise _stopped_waiting(path, watch)
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
                             + "; ".join(str(r.error).splitlines()[0][:200] for r in failed))
-        log.info("%s teachers: %.0f s, packing efficiency %.2f", spec.name, wall, _packing(results, wall, slots[1]))
+        log.info("%s teachers: %.0f s, packing efficiency %.2f", spec.name, wall,
+                 watch.packing(_trial_seconds(results)))
     for teacher in teachers:
         if teacher not in missing and not tracking.has_finished_run(uri, spec.name, teacher.cfg.run_dir):
             _record_reused_teacher(uri, spec.name, teacher, source)
@@ -218,15 +231,17 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     restore = resume and tune.Tuner.can_restore(str(tune_dir / "grid"))
     if resume and not restore:
         log.info("%s: no grid state to restore in %s; starting the grid (finished runs are kept)", spec.name, tune_dir)
-    results, wall = _tune("grid", runs, spec, job, restore=restore, slots=slots)
+    results, wall, watch = _tune("grid", runs, spec, job, restore, footprint, wait_timeout)
+    if watch.timed_out:
+        raise _stopped_waiting(path, watch)
     unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
-    if unfinished:  # Tune stopped early (Ctrl-C): its state is saved
-        print(f"dist2: {spec.name}: interrupted with {len(unfinished)} trial(s) unfinished; continue with "
-              f"dist2 ablate {path} --resume", file=sys.stderr)
+    if unfinished or len(results) < len(runs):  # Tune stopped early (Ctrl-C): its state is saved
+        print(f"dist2: {spec.name}: interrupted with {len(runs) - len(results) + len(unfinished)} trial(s) "
+              f"unfinished; continue with dist2 ablate {path} --resume", file=sys.stderr)
         return 130
-    packing = _packing(results, wall, slots[1])
-    log.info("%s grid: %d trial(s) in %.0f s on %d slot(s), packing efficiency %.2f", spec.name, len(results),
-             wall, slots[1], packing)
+    packing = watch.packing(_trial_seconds(results))
+    log.info("%s grid: %d trial(s) in %.0f s, packing efficiency %.2f (%s-seconds of trials / of the cluster)",
+             spec.name, len(results), wall, packing, footprint.sized_by)
 
     out = spec.output_dir / spec.name / "report"
     report = write_report(uri, spec.name, out, spec.tables, extra_metrics={"grid_wall_s": wall,

@@ -85,6 +85,8 @@ class AblationConfig(_Strict):
     seed: list[int] = Field(default_factory=lambda: [0])
     skip: list[dict] = Field(default_factory=list)  # a cell matching every key of one of these is dropped
     resources: Resources = Resources()
+    # Trials running at once, at most (default: as many as the cluster's resources hold, nodes that join included).
+    max_concurrent: Optional[int] = Field(None, ge=1)
 
     @field_validator("skip")
     @classmethod

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def _prune(run_storage: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _placement() -> dict:
+    """Where this worker runs: its Ray node and the GPUs Ray gave it (CUDA_VISIBLE_DEVICES, per rank); empty
+    outside Ray (`dist2 train` in-process)."""
+    ray = sys.modules.get("ray")  # not imported: not on Ray (and not worth importing to find that out)
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"node": ray.get_runtime_context().get_node_id(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
 def _worker(job: dict) -> dict | None:
     """One worker's run; returns a failure record ({"failure": reason, ...}) or None. In local mode it runs in
     the driver's process and the run folder is the storage; in a worker group `ray.train.report` persists each
@@ -87,10 +97,12 @@ def _worker(job: dict) -> dict | None:
     device = ray.train.torch.get_device() if on_ray and job["use_gpu"] else resolve_device(cfg.train.device)
     rank = distributed.rank()
     logger = tracking.EpochLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
-    if on_ray:
-        nodes = distributed.gather([ray.get_runtime_context().get_node_id()])
-        if logger is not None:
-            logger.set_tags({"dist2.world_size": str(len(nodes)), "dist2.nodes": str(len(set(nodes)))})
+    placements = distributed.gather([_placement()])
+    if logger is not None and placements[0]:
+        nodes = list(dict.fromkeys(p["node"] for p in placements))
+        logger.set_tags({"dist2.world_size": str(len(placements)), "dist2.nodes": str(len(nodes)),
+                         "dist2.node_ids": ",".join(nodes),
+                         "dist2.cuda_visible_devices": ";".join(p["gpus"] for p in placements)})
     try:
         task, train_ds, val_ds = TASKS[job["kind"]](cfg, device)
         for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _restore(job)):
@@ -167,6 +179,8 @@ def _scaling(cfg: ExperimentConfig):
     if use_gpu is None:
         use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and
                                                  ray.cluster_resources().get("GPU", 0) > 0)
+    # use_gpu reserves each worker's GPUs (Ray sets CUDA_VISIBLE_DEVICES); train.device: cpu still computes on the
+    # CPU over gloo (see _fit_on_ray), e.g. to test GPU placement on nodes that only declare GPUs.
     resources = cfg.ray.resources_per_worker
     if resources is None and not use_gpu:
         # Share this cluster's CPUs out: each worker gets as many torch threads as CPUs.
@@ -178,13 +192,15 @@ def _scaling(cfg: ExperimentConfig):
 def _fit_on_ray(cfg: ExperimentConfig, job: dict, address: str | None):
     """Run `_worker` as a TorchTrainer worker group; returns (failure record or None, final checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     start_ray(address)
     scaling, threads = _scaling(cfg)
-    job = {**job, "use_gpu": scaling.use_gpu, "threads": threads}
+    on_gpu = scaling.use_gpu and cfg.train.device != "cpu"
+    job = {**job, "use_gpu": on_gpu, "threads": threads}
     trainer = TorchTrainer(
         _worker, train_loop_config=job, scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
