@@ -16,40 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, free_port, run_cli, start_mlflow_server, stop
-
-TINY_DATA = {"root": None, "synth": {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0},
-             "train_sizes": [64], "test_size": 64, "max_size": 96}
-# train.device: cpu computes on the CPU even in trials that hold the nodes' declared (not real) GPUs.
-TINY_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "lr_steps": [], "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> dict:
-    """A tiny teacher and student experiment (FCOS, 16 synthetic images of 64 px)."""
-    folder = tmp_path_factory.mktemp("pair")
-    files = {}
-    for role, model in (("teacher", {"detector": "fcos", "backbone": "resnet10", "channels": 32}),
-                        ("student", {"detector": "fcos", "backbone": "mobilenet_v2", "width_mult": 0.5,
-                                     "channels": 32})):
-        files[role] = folder / f"{role}.yaml"
-        files[role].write_text(yaml.safe_dump({"name": f"tiny_{role}", "data": TINY_DATA, "model": model,
-                                               "train": TINY_TRAIN}))
-    return {"teacher": str(files["teacher"]), "student": str(files["student"]), "teacher_label": "R10",
-            "student_label": "MNV2"}
-
-
-def write_ablation(path: Path, pair: dict, output_dir: Path, grid: list, **extra) -> Path:
-    spec = {"name": path.stem, "output_dir": str(output_dir), "pairs": [pair], "teacher_min_mAP": 0.0,
-            "grid": grid, **extra}
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-@pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
-    """One output_dir for the module's ablations: they share the teachers' cache, as a user's do."""
-    return tmp_path_factory.mktemp("shared") / "runs"
+from conftest import REPO, free_port, run_cli, start_mlflow_server, stop, write_ablation
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:

@@ -112,7 +112,7 @@ def _widen(teachers: list[Run], footprint: Footprint) -> tuple[list[Run], Footpr
     if factor <= 1:
         return teachers, footprint
     cpus = footprint.per_worker["CPU"]
-    largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    largest_node = max(node.get("CPU", 0) for node in scheduling.alive_nodes())
     cpus = max(cpus, min(cpus * factor, largest_node))
     wide = [replace(run, cfg=run.cfg.model_copy(update={"ray": run.cfg.ray.model_copy(
         update={"resources_per_worker": {"CPU": cpus}})})) for run in teachers]
@@ -191,7 +191,7 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     r = spec.resources
     footprint = Footprint.of(r.num_workers, r.cpus_per_worker, r.gpus_per_worker)
     start_ray(address)
-    scheduling.refuse_impossible(footprint, scheduling.declared_node_types())
+    scheduling.refuse_impossible(footprint, scheduling.declared_node_types(), scheduling.alive_nodes())
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     # Every path is absolute from here on. Work in output_dir: a Ray job's working directory is a temporary copy
     # that Ray may unpack again under a running driver (seen with two nodes on one machine), and Tune needs a cwd.

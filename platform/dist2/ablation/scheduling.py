@@ -136,14 +136,20 @@ def declared_node_types() -> dict[str, dict[str, float]] | None:
     return {name: {k: float(v) for k, v in t["resources"].items()} for name, t in types.items()}
 
 
-def refuse_impossible(footprint: Footprint, node_types: dict[str, dict[str, float]] | None) -> None:
-    """A worker bundle that no node type of the autoscaler can hold (nor any node now in the cluster) is a
-    config mistake: exit 2 naming the resource, before anything runs."""
+def alive_nodes() -> list[dict[str, float]]:
     import ray
 
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def refuse_impossible(footprint: Footprint, node_types: dict[str, dict[str, float]] | None,
+                      nodes: list[dict[str, float]]) -> None:
+    """A worker bundle that no node type of the autoscaler can hold (nor any of the cluster's `nodes` now) is a
+    config mistake: exit 2 naming the resource, before anything runs. Without an autoscaler (`node_types` None)
+    nodes may still be added by hand: nothing is refused."""
     if node_types is None:
         return
-    shapes = list(node_types.values()) + [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    shapes = list(node_types.values()) + nodes
     if any(all(shape.get(k, 0.0) >= v for k, v in footprint.per_worker.items()) for shape in shapes):
         return
     short = [k for k, v in footprint.per_worker.items() if max(s.get(k, 0.0) for s in shapes) < v]
