@@ -76,13 +76,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(port: int, backend_uri: str, artifacts: Path) -> subprocess.Popen:
-    """A real `mlflow server` on loopback, returned once it answers."""
+def start_mlflow_server(port: int, backend_uri: str, artifacts: Path, options: list[str] = ()) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (with any further `options`), returned once it answers."""
     import urllib.request
 
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--workers", "1", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while True:
         try:

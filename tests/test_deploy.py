@@ -67,12 +67,59 @@ def test_kuberay_rayjob_runs_an_ablation_without_a_public_dashboard():
     assert job["spec"]["entrypoint"].startswith("dist2 ablate ablations/")
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["enableInTreeAutoscaling"] is True  # the grid's resource request has someone to answer it
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert all(group["minReplicas"] < group["maxReplicas"] for group in cluster["workerGroupSpecs"])
+    header = "".join(line for line in (DOCKER / "kuberay-rayjob.yaml").read_text().splitlines(True)
+                     if line.startswith("#"))
+    assert "--allowed-hosts mlflow,mlflow:*" in header and "--tracking-uri http://mlflow:5000" in job["spec"]["entrypoint"]
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+
+
+def _status(url: str, host: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_compose_tracking_server_accepts_the_host_names_its_clients_send(tmp_path):
+    """`mlflow server` with the compose file's own options (backend and artifact store swapped for test ones, on
+    loopback): the nodes' `Host: mlflow:5000` and the published port's localhost are served; any other host name
+    is refused as MLflow's DNS-rebinding guard refuses it."""
+    import shlex
+
+    from conftest import free_port, start_mlflow_server, stop
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    args = shlex.split(compose["services"]["mlflow"]["command"])
+    assert args[:2] == ["mlflow", "server"]
+    options = dict(zip(args[2::2], args[3::2]))
+    client_host = compose["x-node"]["environment"]["MLFLOW_TRACKING_URI"].removeprefix("http://")
+    assert client_host == "mlflow:5000"
+    port = free_port()
+    kept = [arg for key, value in options.items()
+            if key not in ("--host", "--port", "--backend-store-uri", "--artifacts-destination")
+            for arg in (key, value)]
+    assert "--allowed-hosts" in kept
+    server = start_mlflow_server(port, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", kept)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(api, client_host) == 200
+        assert _status(api, f"localhost:{port}") == 200
+        assert _status(api, "attacker.example:5000") == 403
+    finally:
+        stop(server)
 
 
 class _Payload:
