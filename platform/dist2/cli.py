@@ -85,6 +85,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.cluster_join is not None:
+        from dist2.bench_cluster import bench_cluster_join
+
+        bench_cluster_join(args.cluster_join)
+        return 0
     if args.ray is not None:
         from dist2.bench_ray import bench_ray
 
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", type=Path, metavar="CONFIG",
                    help="instead: time this run in-process, on Ray Train local mode, and on 1 and 2 Ray workers")
     p.add_argument("--epochs", type=int, default=1, help="epochs of each --ray run (default 1)")
+    p.add_argument("--cluster-join", type=Path, metavar="ABLATION",
+                   help="instead: this grid on a one-node local Ray cluster, alone and with a second node "
+                   "joining after its first trial (wall time, packing, join-to-first-trial latency)")
     p.set_defaults(func=cmd_bench)
     return parser
 
