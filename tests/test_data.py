@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 from dist2.config import DataConfig, SynthConfig
 from dist2.data.coco import CocoDetection
-from dist2.data.synth import CATEGORIES, generate
+from dist2.data.synth import CATEGORIES, DIFFICULTIES, VERSION, generate
 from dist2.data.transforms import train_transforms
 from dist2.errors import UserError
 
@@ -42,8 +42,38 @@ def test_synth_has_what_makes_it_hard(synth_root):
     assert sorted(CATEGORIES) != list(range(1, len(CATEGORIES) + 1))  # gapped ids, as COCO's
 
 
+def _overlapping_pairs(coco) -> int:
+    """Pairs of (non-crowd) boxes of one image that intersect."""
+    boxes = {}
+    for a in coco["annotations"]:
+        if not a["iscrowd"]:
+            x, y, w, h = a["bbox"]
+            boxes.setdefault(a["image_id"], []).append((x, y, x + w, y + h))
+    return sum(min(p[2], q[2]) > max(p[0], q[0]) and min(p[3], q[3]) > max(p[1], q[1])
+               for image in boxes.values() for i, p in enumerate(image) for q in image[i + 1:])
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "standard", "hard"])
+def test_every_difficulty_keeps_what_the_evaluation_must_meet(tmp_path, difficulty):
+    """Gapped category ids, crowd regions and empty images at every difficulty; overlap only where allowed."""
+    root = generate(tmp_path / difficulty, SynthConfig(num_train=80, num_val=4, image_size=96, seed=1,
+                                                       difficulty=difficulty))
+    coco = json.loads((root / "annotations/instances_train.json").read_text())
+    per_image = {im["id"]: 0 for im in coco["images"]}
+    for a in coco["annotations"]:
+        per_image[a["image_id"]] += not a["iscrowd"]
+    assert any(a["iscrowd"] for a in coco["annotations"])
+    assert 0 in per_image.values()  # empty images
+    assert {c["id"] for c in coco["categories"]} == set(CATEGORIES)
+    assert max(per_image.values()) <= DIFFICULTIES[difficulty].objects[1]
+    overlaps = _overlapping_pairs(coco)
+    assert (overlaps == 0) if difficulty == "easy" else (overlaps > 0)
+    assert f"generator v{VERSION}" in coco["info"]["description"]
+
+
 def test_cli_data_synth(tmp_path):
-    result = run_cli("data", "synth", "--out", tmp_path / "d", "--num-train", "3", "--num-val", "2")
+    result = run_cli("data", "synth", "--out", tmp_path / "d", "--num-train", "3", "--num-val", "2",
+                     "--difficulty", "easy")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "d/train").glob("*.jpg"))) == 3
     assert len(json.loads((tmp_path / "d/annotations/instances_val.json").read_text())["images"]) == 2

@@ -160,7 +160,7 @@ def test_every_strategy_subset_runs_with_stride_matched_levels(data, detector):
         sum(losses.values()).backward()
 
 
-@pytest.mark.parametrize("name", ["hint", "pad", "nonlocal"])
+@pytest.mark.parametrize("name", ["fi", "pad", "nonlocal"])
 def test_baseline_losses_zero_for_identical_features_positive_otherwise(name):
     torch.manual_seed(0)
     cfg = DistillConfig(method=name, strategies=["N2N"], **({"nonlocal": NonLocalConfig()} if name else {}))
@@ -195,7 +195,7 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
     run_dir = tmp_path / "runs/student_di"
     final = read_json(run_dir / "metrics.json")["final"]
     assert {"loss_det/classification", "loss_fi/N2N", "loss_di/N2N", "loss_fi/B2N", "loss_di/B2N",
-            "mAP", "teacher_head_mAP"} <= final.keys()
+            "mAP", "teacher_head_mAP", "teacher_head_probe_mAP"} <= final.keys()
     # The deployable weights are a plain student: no teacher, adapter or loss-module keys.
     weights = torch.load(run_dir / "model.pth", weights_only=True)
     student = build_detector(ModelConfig(detector="fcos", backbone="mobilenet_v2", width_mult=0.5, channels=32),
@@ -204,18 +204,20 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
     resume = torch.load(run_dir / "resume.pth", weights_only=True)["model"]
     assert any(k.startswith("adapters.N2N.") for k in resume) and not any(k.startswith("teacher") for k in resume)
 
-    # dist2 eval --teacher-head: the resume state brings the trained adapter and reproduces the logged number;
-    # the bare student weights get the least-squares probe instead.
+    # dist2 eval --teacher-head: the resume state brings the trained adapter and reproduces both logged numbers
+    # under the same names; the bare student weights have no adapter: the probe only, under its own name.
     result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head",
                      "--json", tmp_path / "th.json")
     assert result.returncode == 0, result.stderr
     metrics = read_json(tmp_path / "th.json")
-    assert metrics["teacher_head_mAP"] == pytest.approx(final["teacher_head_mAP"], abs=1e-9)
-    assert metrics["mAP"] == pytest.approx(final["mAP"], abs=1e-9)
+    for key in ("mAP", "teacher_head_mAP", "teacher_head_probe_mAP"):
+        assert metrics[key] == pytest.approx(final[key], abs=1e-9), key
     result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "model.pth", "--teacher-head",
                      "--json", tmp_path / "probe.json")
     assert result.returncode == 0, result.stderr
-    assert 0.0 <= read_json(tmp_path / "probe.json")["teacher_head_mAP"] <= 100.0
+    probe = read_json(tmp_path / "probe.json")
+    assert "teacher_head_mAP" not in probe  # never the probe under the trained adapter's name
+    assert probe["teacher_head_probe_mAP"] == pytest.approx(final["teacher_head_probe_mAP"], abs=1e-9)
 
 
 def test_distill_config_errors(tmp_path, synth_root):
@@ -224,7 +226,9 @@ def test_distill_config_errors(tmp_path, synth_root):
 
     teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher"))
     cfg_path = write_config(tmp_path / "d.yaml", distill_config(tmp_path, synth_root, teacher_yaml, "x.pth"))
-    for override, message in [("distill.method=hint", "the hint baseline is defined at N2N only"),
+    hint = load_config(cfg_path, ["distill.method=hint", "distill.strategies=[N2N]"]).distill
+    assert (hint.method, hint.strategies) == ("fi", ["N2N"])  # Hint = FI (N2N): one experiment, one name in MLflow
+    for override, message in [("distill.method=hint", r"the hint baseline \(Hint = FI at N2N\) is defined at N2N only"),
                               ("distill.strategies=[N2N, N2N]", "lists a strategy twice"),
                               ("distill.strategies=[X2Y]", "distill.strategies.0"),
                               ("distill.lambda_di=-1", "distill.lambda_di"),
@@ -233,3 +237,107 @@ def test_distill_config_errors(tmp_path, synth_root):
             load_config(cfg_path, [override])
     result = run_cli("distill", write_config(tmp_path / "plain.yaml", tiny_config(tmp_path, synth_root)))
     assert result.returncode == 2 and "needs the teacher: and distill: sections" in result.stderr
+
+
+def _terms(categories, images, targets, **distill):
+    """The loss terms of one Distiller step, every random draw fixed (models, adapters), in eval mode."""
+    teacher = _model(categories, "fcos", seed=1)
+    student = _model(categories, "fcos", backbone="mobilenet_v2", width=0.5, seed=2)
+    torch.manual_seed(3)
+    distiller = Distiller(student, teacher, DistillConfig(**distill)).eval()
+    with torch.no_grad():
+        return {k: v.item() for k, v in distiller(images, targets).items()}
+
+
+@pytest.mark.parametrize("lambda_di, lambda_feat", [(0.0, 1.0), (1.0, 0.0), (2.5, 1.0), (1.0, 2.5), (2.5, 0.0)])
+def test_each_distillation_term_scales_with_its_own_lambda(data, lambda_di, lambda_feat):
+    train, _, images, targets = data
+    unit = _terms(train.categories, images, targets, method="dist2", strategies=["N2N", "B2N"])
+    scaled = _terms(train.categories, images, targets, method="dist2", strategies=["N2N", "B2N"],
+                    lambda_di=lambda_di, lambda_feat=lambda_feat)
+    assert set(scaled) == set(unit)
+    for name, value in unit.items():
+        factor = lambda_di if name.startswith("loss_di/") else lambda_feat if name.startswith("loss_fi/") else 1.0
+        assert scaled[name] == pytest.approx(factor * value, rel=1e-5, abs=1e-7), name
+    assert all(unit[n] > 0 for n in unit if n.startswith(("loss_di/", "loss_fi/")))  # a λ had something to scale
+    assert sum(scaled.values()) == pytest.approx(sum((lambda_di if n.startswith("loss_di/") else lambda_feat
+                                                      if n.startswith("loss_fi/") else 1.0) * v
+                                                     for n, v in unit.items()), rel=1e-5)
+
+
+def test_b2n_runs_the_teachers_extra_block_on_the_injected_p5(data):
+    """B2N replaces the teacher's P3-P5: its P6 and P7 come from the injected P5, so DI's gradient reaches the P5
+    adapter through P6/P7 too (and P6/P7 are not the teacher's own)."""
+    train, _, images, targets = data
+    teacher = _model(train.categories, "fcos", seed=1)
+    student = _model(train.categories, "fcos", backbone="mobilenet_v2", width=0.5, seed=2)
+    distiller = Distiller(student, teacher, DistillConfig(method="di", strategies=["B2N"]))
+    image_list, _, _ = student.preprocess(images, targets)
+    injected = distiller.adapters["B2N"](student.backbone_stage(image_list.tensors))
+    levels = distiller.teacher_rest("B2N", injected)
+    assert len(levels) == 5 and all(a is b for a, b in zip(levels[:3], injected))
+    own = distiller.teacher_features(image_list.tensors)[1]
+    assert not torch.allclose(levels[3], own[3])  # P6 from the injected P5, not the teacher's
+    (levels[3].sum() + levels[4].sum()).backward()  # P6 and P7 alone
+    grads = [conv.weight.grad for conv in distiller.adapters["B2N"].levels]
+    assert grads[0] is None and grads[1] is None  # P3, P4 feed no extra level
+    assert grads[2] is not None and grads[2].abs().sum() > 0  # P5's adapter: through the teacher's extra block
+
+
+@pytest.mark.parametrize("log_var, used", [(0.7, 0.7), (-1.3, -1.3), (-9.0, -5.0), (8.0, 5.0)])
+def test_pad_is_the_uncertainty_weighted_l2_with_a_clamped_log_variance(log_var, used):
+    from dist2.config import PADConfig
+    from dist2.distill.losses.pad import LOG_VAR_LIMIT
+
+    assert LOG_VAR_LIMIT == 5.0
+    torch.manual_seed(0)
+    cfg = DistillConfig(method="pad", strategies=["N2N"], pad=PADConfig(weight=2.0))
+    loss = LOSSES["pad"](cfg, [8] * 2, [16] * 2)
+    for conv in loss.log_var:
+        torch.nn.init.constant_(conv.bias, log_var)  # zero weights: log σ² = the bias everywhere
+    student = [torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)]
+    adapted = [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    teacher = [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    value = loss(Imitation("N2N", student, adapted, teacher, None))["loss_pad"]
+    expected = 2.0 * sum(((t - a) ** 2 * torch.exp(torch.tensor(-used)) + used).mean()
+                         for t, a in zip(teacher, adapted)) / 2
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fi_is_one_mean_over_every_compared_element_of_the_strategy():
+    """PAPER.md's 1/K: a P3-sized level with 64× the elements of a P6-sized one weighs 64× as much."""
+    cfg = DistillConfig(method="fi", strategies=["N2N"], lambda_feat=1.0)
+    loss = LOSSES["fi"](cfg, [4, 4], [4, 4])
+    big, small = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 2, 2)
+    diff_big, diff_small = torch.full_like(big, 1.0), torch.full_like(small, 3.0)
+    value = loss(Imitation("N2N", [big, small], [big + diff_big, small + diff_small], [big, small], None))
+    elements = big.numel() + small.numel()
+    assert value["loss_fi/N2N"].item() == pytest.approx((big.numel() * 1.0 + small.numel() * 9.0) / elements)
+    assert value["loss_fi/N2N"].item() != pytest.approx((1.0 + 9.0) / 2)  # not the mean of per-level MSEs
+
+
+def test_nonlocal_masks_average_both_attentions_detached_and_follow_the_student():
+    from dist2.distill.losses.nonlocal_kd import attention, attention_masks
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 6, 6)
+    student = torch.randn(2, 8, 6, 6, requires_grad=True)
+    spatial, channel = attention_masks(student, teacher, 0.5)
+    (s_sp, s_ch), (t_sp, t_ch) = attention(student, 0.5), attention(teacher, 0.5)
+    torch.testing.assert_close(spatial, (s_sp + t_sp) / 2)
+    torch.testing.assert_close(channel, (s_ch + t_ch) / 2)
+    assert spatial.mean().item() == pytest.approx(1.0) and channel.mean().item() == pytest.approx(1.0)
+    assert not spatial.requires_grad and not channel.requires_grad  # no gradient through the masks
+    moved, _ = attention_masks(student * torch.linspace(0.1, 3.0, 6).view(1, 1, 1, 6), teacher, 0.5)
+    assert (moved - spatial).abs().max() > 1e-3  # the student's features move the mask
+
+
+def test_nonlocal_blocks_pool_keys_and_start_as_the_identity():
+    from dist2.distill.losses.nonlocal_kd import NonLocalBlock
+
+    block = NonLocalBlock(8, stride=2)
+    x = torch.randn(1, 8, 16, 12)
+    torch.testing.assert_close(block(x), x)  # zero-initialised output: the identity at the start
+    keys = block._pool(block.phi(x)).flatten(2)
+    assert keys.shape[-1] == 16 * 12 // 4  # a quarter of the positions: (HW)² / 4 attention entries
+    assert block._pool(torch.randn(1, 4, 1, 1)).shape[-1] == 1  # a 1x1 level is not pooled

@@ -20,6 +20,8 @@ FCOS_R50 = ("fcos", "ResNeXt101", "ResNet50C128")
 def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lambda_di="", status="FINISHED",
               teacher_head=None):
     detector, teacher, student = pair
+    if (method, strategies) == ("hint", "N2N"):
+        method = "fi"  # what dist2 logs for Hint = FI (N2N)
     run = client.create_run(experiment_id, run_name=f"{detector}-{student}-{method}-{strategies}-{seed}")
     params = {"detector": detector, "teacher": teacher, "student": "" if method == "teacher" else student,
               "method": method, "strategies": strategies,
@@ -29,8 +31,10 @@ def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lamb
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     client.log_metric(run.info.run_id, "mAP", mAP)
-    if teacher_head is not None:
-        client.log_metric(run.info.run_id, "teacher_head_mAP", teacher_head)
+    if teacher_head is not None:  # (probe, trained adapter)
+        client.log_metric(run.info.run_id, "teacher_head_probe_mAP", teacher_head[0])
+        if teacher_head[1] is not None:
+            client.log_metric(run.info.run_id, "teacher_head_mAP", teacher_head[1])
     client.set_terminated(run.info.run_id, status)
 
 
@@ -47,7 +51,13 @@ def store(tmp_path_factory):
             continue  # a cell nobody ran
         if (detector, method) == ("fcos", "dist2"):
             for seed, value in enumerate((mAP - 0.2, mAP, mAP + 0.2)):  # three seeds: mean = the paper's
-                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=40.0)
+                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(30.0 + seed, 40.0))
+        elif (detector, method) == ("fcos", "student"):  # no adapter of its own: the probe only
+            for seed, value in enumerate((mAP - 0.1, mAP, mAP + 0.1)):
+                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(5.0, None))
+        elif (detector, method) == ("fcos", "hint"):  # two seeds far apart: its +1.1 is within their noise
+            for seed, value in enumerate((mAP - 1.5, mAP + 1.5)):
+                _seed_run(client, exp, pair, method, strategies, value, seed=seed)
         else:
             _seed_run(client, exp, pair, method, strategies, mAP)
     _seed_run(client, exp, FCOS_R50, "teacher", "", 42.7)
@@ -88,32 +98,43 @@ def test_table1_reproduces_the_paper_numbers_and_deltas(store):
             assert paper_map == "31.4"  # the paper's number stays beside the missing cell
             continue
         assert mAP.split(" ± ")[0] == paper_map.rstrip("*"), row
-        assert delta == paper_delta, row  # e.g. +6.0, signed, one decimal
+        assert delta.split(" ")[0] == paper_delta, row  # e.g. +6.0, signed, one decimal
         checked += 1
     assert checked == 13
-    dist2 = next(r for r in rows if r[0] == "fcos" and r[2] == "+ Dist2")
-    assert dist2[3:7] == ["All2All", "36.4 ± 0.2", "+6.0", "3"]
+    fcos = {r[2]: r[3:7] for r in rows if r[0] == "fcos" and r[1] == "ResNeXt101 → MobileV2C128"}
+    # 3 seeds each, Δ 6.0 against a pooled std of 0.16: above the noise
+    assert fcos["+ Dist2"] == ["All2All", "36.4 ± 0.2", "+6.0 ✓", "3"]
+    # 2 and 3 seeds, Δ 1.1 against a pooled std of 1.23: inside it
+    assert fcos["+ Hint = FI (N2N)"] == ["N2N", "31.5 ± 2.1", "+1.1 (within noise)", "2"]
+    assert fcos["+ PAD"][2] == "+1.4 (1 seed: no noise estimate)"
+    assert fcos["MobileV2C128 (student)"][1:] == ["30.4 ± 0.1", "", "3"]
+    assert "twice their pooled seed standard deviation" in store["text"]  # the rule, in the header
     assert "99.0" not in store["text"]  # the RUNNING and FAILED runs
 
 
 def test_tables_2_and_3_reproduce_the_paper(store):
     rows = {row[0]: row[1:] for row in _section(store["text"], "Table 2")}
     ours, published = rows["ResNeXt101 → ResNet50C128 (fcos)"], rows["paper: ResNeXt101 → ResNet50C128 (FCOS)"]
-    assert ours == published == ["33.4", "38.3 (+4.9)", "38.3 (+4.9)", "38.0 (+4.6)", "37.9 (+4.5)"]
-    assert rows["ResNeXt101 → MobileV2C128 (retinanet)"][1:] == ["32.4 (+1.4)", "–", "–", "–"]  # DI at N2N only
+    assert published == ["33.4", "38.3 (+4.9)", "38.3 (+4.9)", "38.0 (+4.6)", "37.9 (+4.5)"]
+    assert ours == ["33.4, n=1"] + [f"{cell.replace(' (', ', n=1; Δ ')[:-1]} (1 seed: no noise estimate)"
+                                    for cell in published[1:]]  # e.g. 38.3, n=1; Δ +4.9 (1 seed: ...)
+    assert rows["ResNeXt101 → MobileV2C128 (retinanet)"][1:] == [  # DI at N2N only
+        "32.4, n=1; Δ +1.4 (1 seed: no noise estimate)", "–", "–", "–"]
     rows = {tuple(row[:2]): row[2:] for row in _section(store["text"], "Table 3")}
     ours = rows[("ResNeXt101 → ResNet50C128 (fcos)", "first k")]
     published = rows[("paper: ResNeXt101 → ResNet50C128 (FCOS)", "first k (as transcribed)")]
-    assert [cell.split(" (")[0] for cell in ours] == published == ["38.3", "38.3", "38.0", "37.9"]
-    assert ours[1] == "38.3 (+4.9)"
+    assert [cell.split(",")[0] for cell in ours] == published == ["38.3", "38.3", "38.0", "37.9"]
+    assert ours[1] == "38.3, n=1; Δ +4.9 (1 seed: no noise estimate)"
 
 
 def test_lambda_table_teacher_head_plots_and_summary_run(store):
     rows = _section(store["text"], "λ_DI")
     n2n = next(r for r in rows if r[0] == "ResNeXt101 → ResNet50C128 (fcos)" and r[2] == "N2N")
-    assert n2n[4:] == ["38.3", "30.0"]  # λ_DI = 1.0, 2.0
-    head = _section(store["text"], "Teacher-head mAP")
-    assert [r[-1] for r in head if r[1] == "+ Dist2"] == ["40.0"]
+    assert n2n[4:] == ["38.3, n=1", "30.0, n=1"]  # λ_DI = 1.0, 2.0
+    table = store["text"].split("## Teacher-head mAP", 1)[1]
+    assert "teacher head, probe (every run)" in table and "teacher head, the run's own N2N adapter" in table
+    head = {r[1]: r[-2:] for r in _section(store["text"], "Teacher-head mAP")}
+    assert head == {"+ Dist2": ["31.0", "40.0"], "(student)": ["5.0", "–"]}  # probe: mean over seeds 30, 31, 32
     for picture in ("table2.png", "lambda_di.png"):
         assert (store["out"] / picture).stat().st_size > 1000 and f"]({picture})" in store["text"]
     client = store["client"]
@@ -121,6 +142,19 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store):
     assert len(summary) == 1 and summary[0].info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(summary[0].info.run_id, "report")}
     assert {"report/results.md", "report/table2.png", "report/lambda_di.png"} <= logged
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"mAP": 32.0, "std": 0.5, "n": 3}, "+2.0 ✓"),  # pooled std 0.5: 2.0 > 1.0
+    ({"mAP": 31.0, "std": 0.5, "n": 3}, "+1.0 (within noise)"),  # exactly twice the pooled std: not above
+    ({"mAP": 29.0, "std": 0.5, "n": 3}, "-1.0 (within noise)"),
+    ({"mAP": 28.5, "std": 0.5, "n": 3}, "-1.5 ✓"),  # a loss above the noise is marked too
+    ({"mAP": 35.0, "std": float("nan"), "n": 1}, "+5.0 (1 seed: no noise estimate)"),
+])
+def test_a_delta_is_above_noise_only_beyond_twice_the_pooled_seed_std(row, expected):
+    from dist2.report.tables import marked_delta
+
+    assert marked_delta(row, {"mAP": 30.0, "std": 0.5, "n": 3}) == expected
 
 
 def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):

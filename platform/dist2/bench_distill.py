@@ -7,6 +7,10 @@ and student architectures (random weights: timing does not depend on them):
   and, per strategy, the teacher's remaining layers forward+backward on an injected feature;
 - measured step / sum of its parts for DI and All2All (target <= 1.10), and peak memory per step kind
   (CUDA: max allocated; CPU: peak resident set of a process that runs only that kind).
+
+With --paper-scale (`bench_distill_memory`): peak memory of one training step of each baseline and DI method
+(Hint = FI N2N, PAD, NonLocal, DI N2N, Dist2 All2All) for the config's pair on synthetic 800x1333 inputs at
+batch 2, the paper's scale, each kind in a process of its own, and each against Hint's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from dist2.modeling.detectors import build_architecture
 
 METHODS = {"student": ("student", ["N2N"]), "FI N2N": ("fi", ["N2N"]), "DI N2N": ("di", ["N2N"]),
            "Dist2 All2All": ("dist2", ["All2All"])}
+PAPER_METHODS = {"Hint = FI N2N": ("fi", ["N2N"]), "PAD": ("pad", ["N2N"]), "NonLocal": ("nonlocal", ["N2N"]),
+                 "DI N2N": ("di", ["N2N"]), "Dist2 All2All": ("dist2", ["All2All"])}
+PAPER_INPUT = (800, 1333)
 
 
 def _setup(path: Path, batch_size: int | None):
@@ -137,3 +144,61 @@ def bench_distill(path: Path, steps: int = 5, batch_size: int | None = None) -> 
     print(tabulate([{"step": k, "measured / sum of parts": v, "target": "<= 1.10"} for k, v in ratios.items()],
                    headers="keys", floatfmt=".3f", tablefmt="github"))
     return ratios
+
+
+def _paper_step(path: Path, method: str, strategies: list[str]):
+    """One training step of `method` on two random 800x1333 images with a few boxes each."""
+    cfg = load_config(path, ["data.root=null"])
+    teacher_cfg = load_config(cfg.teacher.config, ["data.root=null"])
+    device = resolve_device(cfg.train.device)
+    classes = 80
+    student = build_architecture(cfg.model, cfg.data, classes, download=False).to(device)
+    teacher = build_architecture(teacher_cfg.model, cfg.data, classes, download=False).to(device)
+    torch.manual_seed(0)
+    h, w = PAPER_INPUT
+    images = [torch.rand(3, h, w, device=device) for _ in range(2)]
+    boxes = torch.tensor([[100.0, 120.0, 400.0, 500.0], [600.0, 200.0, 900.0, 700.0], [50.0, 400.0, 250.0, 780.0]])
+    targets = [{"boxes": boxes.to(device), "labels": torch.tensor([1, 5, 9], device=device)} for _ in images]
+    distiller = Distiller(student, teacher, DistillConfig(method=method, strategies=strategies)).to(device).train()
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = sum(distiller(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, device
+
+
+def _paper_memory_in_child(path, method, strategies, queue):
+    step, device = _paper_step(path, method, strategies)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        queue.put((seconds, torch.cuda.max_memory_allocated() / 2**20))
+    else:
+        queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def bench_distill_memory(path: Path) -> dict[str, float]:
+    """Peak memory of one paper-scale training step per method, each in a fresh process; returns MB by method."""
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for name, (method, strategies) in PAPER_METHODS.items():
+        queue = ctx.Queue()
+        child = ctx.Process(target=_paper_memory_in_child, args=(path, method, strategies, queue))
+        child.start()
+        seconds, peak = queue.get()
+        child.join()
+        rows.append({"method": name, "peak MB": peak, "s/step": seconds})
+    hint = rows[0]["peak MB"]
+    for row in rows:
+        row["× Hint"] = row["peak MB"] / hint
+    what = ("CUDA max_memory_allocated" if torch.cuda.is_available() else
+            f"CPU peak resident set of the step's process, {torch.get_num_threads()} threads")
+    print(f"paper-scale step memory, {Path(path).name}, batch 2 at {PAPER_INPUT[0]}x{PAPER_INPUT[1]}, {what}")
+    print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github"))
+    return {row["method"]: row["peak MB"] for row in rows}

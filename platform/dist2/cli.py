@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, _run_overrides(args))
     metrics = launch(cfg, args.command, args.config, address=args.address, tracking_uri=args.tracking_uri,
                      experiment=args.experiment)
-    extra = f", teacher_head_mAP {metrics['teacher_head_mAP']:.2f}" if "teacher_head_mAP" in metrics else ""
+    extra = "".join(f", {k} {metrics[k]:.2f}" for k in ("teacher_head_probe_mAP", "teacher_head_mAP") if k in metrics)
     log.info("finished %s: mAP %.2f%s; weights in %s", cfg.name, metrics.get("mAP", float("nan")), extra,
              cfg.run_dir / "model.pth")
     return 0
@@ -78,7 +78,8 @@ def cmd_data_synth(args) -> int:
     from dist2.data.synth import generate
 
     cfg = validate(SynthConfig, {"num_train": args.num_train, "num_val": args.num_val,
-                                 "image_size": args.image_size, "seed": args.seed}, "dist2 data synth")
+                                 "image_size": args.image_size, "seed": args.seed,
+                                 "difficulty": args.difficulty}, "dist2 data synth")
     out = generate(args.out, cfg)
     print(f"wrote {cfg.num_train} train and {cfg.num_val} val images to {out}")
     return 0
@@ -94,6 +95,11 @@ def cmd_bench(args) -> int:
         from dist2.bench_ray import bench_ray
 
         bench_ray(args.ray, epochs=args.epochs)
+        return 0
+    if args.distill is not None and args.paper_scale:
+        from dist2.bench_distill import bench_distill_memory
+
+        bench_distill_memory(args.distill)
         return 0
     if args.distill is not None:
         from dist2.bench_distill import bench_distill
@@ -171,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, help="COCO detection results JSON")
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     p.add_argument("--teacher-head", action="store_true",
-                   help="also teacher_head_mAP (a distillation CONFIG): the teacher's head on the adapted student neck")
+                   help="also the teacher's head on the student's neck (a distillation CONFIG): teacher_head_probe_mAP "
+                   "(least-squares probe), and teacher_head_mAP (the run's trained N2N adapter) where it has one")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="datasets")
@@ -183,13 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=defaults.num_val)
     s.add_argument("--image-size", type=int, default=defaults.image_size, help="width in pixels")
     s.add_argument("--seed", type=int, default=defaults.seed)
+    s.add_argument("--difficulty", default=defaults.difficulty, help="easy, standard or hard (default: hard)")
     s.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser("bench", help="training throughput (images/s) of experiment configs")
     p.add_argument("configs", type=Path, nargs="*", help="experiment YAMLs (default: the quick and paper ones)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size")
-    p.add_argument("--paper-scale", action="store_true", help="include the paper-scale models (batch 2)")
+    p.add_argument("--paper-scale", action="store_true", help="include the paper-scale models (batch 2); with "
+                   "--distill: peak memory of each method's step at 800x1333, batch 2")
     p.add_argument("--distill", type=Path, metavar="CONFIG",
                    help="instead: time the parts of a distillation step for this distillation config")
     p.add_argument("--ray", type=Path, metavar="CONFIG",

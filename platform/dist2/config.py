@@ -29,6 +29,8 @@ class SynthConfig(_Strict):
     num_val: int = Field(128, ge=1)
     image_size: int = Field(128, ge=64, le=1024)
     seed: int = 0
+    # easy | standard | hard: objects per image, overlap, distractors, background clutter (dist2.data.synth)
+    difficulty: Literal["easy", "standard", "hard"] = "hard"
 
 
 class DataConfig(_Strict):
@@ -138,7 +140,10 @@ class RayConfig(_Strict):
 
 
 STRATEGIES = ("N2N", "B2B", "B2N", "N2B")  # X2Y: the student's X stands in for the teacher's Y (PAPER.md)
-BASELINES = ("hint", "pad", "nonlocal")  # defined at N2N only
+BASELINES = ("pad", "nonlocal")  # defined at N2N only
+# Hint (Chen et al., NeurIPS 2017: an adaptation layer and L2 to the teacher's feature) is, read at N2N, exactly
+# FI at N2N: `hint` is accepted as a name for that one experiment and runs as method fi, strategies [N2N].
+HINT = ("fi", ["N2N"])
 
 
 class TeacherConfig(_Strict):
@@ -148,21 +153,19 @@ class TeacherConfig(_Strict):
     min_mAP: float = Field(1.0, ge=0.0, le=100.0)
 
 
-class HintConfig(_Strict):
-    weight: float = Field(1.0, ge=0.0)
-
-
 class PADConfig(_Strict):
     weight: float = Field(1.0, ge=0.0)
 
 
 class NonLocalConfig(_Strict):
-    # Zhang & Ma (ICLR 2021): attention-masked feature loss (alpha), attention transfer (beta),
-    # non-local relation loss (gamma); temperature of the attention softmax.
-    alpha: float = Field(1.0, ge=0.0)
-    beta: float = Field(1.0, ge=0.0)
-    gamma: float = Field(1.0, ge=0.0)
-    temperature: float = Field(0.1, gt=0.0)
+    # Zhang & Ma (ICLR 2021), with the source's default weights: attention-masked feature loss (alpha),
+    # attention transfer (beta), non-local relation loss (gamma); temperature of the attention softmax; the
+    # non-local blocks' key/value max-pooling stride.
+    alpha: float = Field(7e-5, ge=0.0)
+    beta: float = Field(4e-3, ge=0.0)
+    gamma: float = Field(7e-5, ge=0.0)
+    temperature: float = Field(0.5, gt=0.0)
+    stride: int = Field(2, ge=1)
 
 
 class DistillConfig(_Strict):
@@ -173,9 +176,17 @@ class DistillConfig(_Strict):
     lambda_di: float = Field(1.0, ge=0.0)
     lambda_feat: float = Field(1.0, ge=0.0)
     student_loss: bool = True  # the student's own detection loss L_det (off: distillation terms alone)
-    hint: HintConfig = HintConfig()
     pad: PADConfig = PADConfig()
     nonlocal_: NonLocalConfig = Field(NonLocalConfig(), alias="nonlocal")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hint_is_fi_at_n2n(cls, data):
+        if isinstance(data, dict) and data.get("method") == "hint":
+            if list(data.get("strategies", ["N2N"])) != ["N2N"]:
+                raise ValueError("distill.strategies: the hint baseline (Hint = FI at N2N) is defined at N2N only")
+            data = {**data, "method": HINT[0], "strategies": HINT[1]}
+        return data
 
     @model_validator(mode="after")
     def _strategies_fit_method(self) -> "DistillConfig":

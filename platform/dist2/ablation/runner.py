@@ -36,7 +36,8 @@ from dist2.errors import RunFailed, UserError, WaitedTooLong
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_mAP", "epoch")
+REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_head_probe_mAP", "teacher_mAP",
+            "epoch")
 
 
 # ---------------------------------------------------------------- one trial (in a Tune trial actor)

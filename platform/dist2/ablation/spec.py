@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dist2.config import (STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate)
+from dist2.config import (HINT, STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate)
 from dist2.errors import UserError
 
 METHODS = ("student", "hint", "pad", "nonlocal", "fi", "di", "dist2")  # a pair's teacher is run by itself
@@ -174,7 +174,7 @@ def _label(pair: Pair, role: str) -> str:
     return getattr(pair, f"{role}_label") or read_yaml(getattr(pair, role)).get("name", str(getattr(pair, role)))
 
 
-def _cells(spec: AblationConfig, entry: GridEntry):
+def _cells(spec: AblationConfig, entry: GridEntry, source: Path):
     if entry.num_strategies is not None:
         strategy_lists = [list(STRATEGIES[:k]) for k in entry.num_strategies]
     else:
@@ -183,6 +183,11 @@ def _cells(spec: AblationConfig, entry: GridEntry):
             entry.seed or spec.seed)
     for method, strategies, lambda_di, lambda_feat, seed in itertools.product(*axes):
         chosen = set(STRATEGIES) if "All2All" in strategies else set(strategies)
+        if method == "hint":  # Hint = FI at N2N: one experiment, one cell, whichever name the grid uses
+            if chosen != set(HINT[1]):
+                raise UserError(f"{source}: grid: method hint (= FI at N2N) is defined at N2N only, not "
+                                f"{sorted(chosen)}")
+            method = HINT[0]
         if method == "student":
             chosen = set()
         yield {"method": method, "strategies": ",".join(sorted(chosen)), "num_strategies": str(len(chosen)),
@@ -222,7 +227,7 @@ def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[R
         teacher = by_key[teacher_key(teacher_cfg)]
         student_raw = read_yaml(pair.student)
         for entry in spec.grid:
-            for cell in _cells(spec, entry):
+            for cell in _cells(spec, entry, source):
                 params = {"detector": teacher.params["detector"], "teacher": teacher.params["teacher"],
                           "student": _label(pair, "student"), **cell}
                 if _skipped(params, spec.skip):

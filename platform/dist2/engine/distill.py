@@ -11,7 +11,7 @@ from dist2.data.build import build_datasets
 from dist2.data.coco import CocoDetection
 from dist2.distill.adapters import Adapter
 from dist2.distill.distiller import Distiller, freeze, level_channels
-from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
+from dist2.distill.teacher_head import teacher_head_metrics
 from dist2.engine import checkpoint
 from dist2.engine.checkpoint import load_weights
 from dist2.engine.loop import Task, resolve_device, seed_epoch
@@ -49,8 +49,8 @@ def _require_distill_sections(cfg: ExperimentConfig, what: str) -> None:
 
 
 def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
-    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics and teacher_head_mAP.
-    A distillation resume state brings its trained N2N adapter; any other student checkpoint gets the probe."""
+    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics, teacher_head_probe_mAP, and
+    teacher_head_mAP when the checkpoint (a distillation resume state) brings its trained N2N adapter."""
     _require_distill_sections(cfg, "--teacher-head")
     device = resolve_device(cfg.train.device)
     train_ds, val_ds = build_datasets(cfg.data)
@@ -60,15 +60,14 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
     student.to(device)
     state = checkpoint.load(path).get("model", {})
     trained = {k.removeprefix("adapters.N2N."): v for k, v in state.items() if k.startswith("adapters.N2N.")}
+    adapter = None
     if trained:
         adapter = Adapter(level_channels(student, "N"), level_channels(teacher, "N"))
         adapter.load_state_dict(trained)
         adapter.to(device)
-    else:
-        adapter = fit_linear_probe(student, teacher, train_ds, device)
     metrics = evaluate(student, val_ds, device, cfg.train.batch_size)
-    metrics["teacher_head_mAP"] = teacher_head_map(student, teacher, adapter, val_ds, device, cfg.train.batch_size)
-    return metrics
+    return {**metrics, **teacher_head_metrics(student, teacher, adapter, train_ds, val_ds, device,
+                                              cfg.train.batch_size)}
 
 
 def build_distill_task(cfg: ExperimentConfig, device):
@@ -82,10 +81,8 @@ def build_distill_task(cfg: ExperimentConfig, device):
     distiller = Distiller(student, teacher, cfg.distill).to(device)
 
     def extra_eval(dataset):
-        adapter = distiller.adapters["N2N"] if "N2N" in distiller.adapters else \
-            fit_linear_probe(student, teacher, train_ds, device)
-        return {"teacher_head_mAP": teacher_head_map(student, teacher, adapter, dataset, device,
-                                                     cfg.train.batch_size),
+        trained = distiller.adapters["N2N"] if "N2N" in distiller.adapters else None
+        return {**teacher_head_metrics(student, teacher, trained, train_ds, dataset, device, cfg.train.batch_size),
                 "teacher_mAP": teacher_map}  # beside the student's, as the paper's tables show it
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.

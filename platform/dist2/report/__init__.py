@@ -16,7 +16,7 @@ from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
 from dist2.report import paper, plots, tables
 
-METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP")
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_head_probe_mAP")
 TITLES = {
     "table1": "Table 1 — methods (imitation strategy in brackets)",
     "table2": "Table 2 — one imitation strategy at a time, with DI",
@@ -57,9 +57,10 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str) -> 
     """results.md's text; the plots are written to `out` and linked."""
     c = tables.cells(runs)
     lines = [f"# {experiment}: results", "",
-             f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± std over "
-             "seeds where a cell has several; Δ = mAP − the pair's student baseline. Tables 1–3 use the runs at "
-             "λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); – = no finished run.", ""]
+             f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± sample std "
+             "over seeds where a cell has several, n = its seeds; Δ = mAP − the pair's student baseline. "
+             "Tables 1–3 use the runs at λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); "
+             "– = no finished run.", "", tables.NOISE_RULE, ""]
     for name in which:
         frame = BUILDERS[name](c)
         lines += [f"## {TITLES[name]}", ""]

@@ -14,47 +14,57 @@ from dist2.config import STRATEGIES  # noqa: E402
 from dist2.report import paper, tables  # noqa: E402
 
 
+def _legend_beside(fig, ax) -> None:
+    """The legend right of the axes, where it covers no bar or point."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+
+
 def lambda_plot(c: pd.DataFrame, path: Path) -> bool:
-    """mAP against λ_DI, one line per (pair, method, strategies), error bars = std over seeds."""
+    """mAP against λ_DI, one line per (pair, method, strategies), error bars = sample std over seeds."""
     di = c[c["method"].isin(["di", "dist2"])]
     if di["lambda_di"].nunique() < 2:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for key, group in di.groupby(tables.PAIR + ["method", "strategies", "lambda_feat"], sort=False):
         group = group.assign(lam=group["lambda_di"].astype(float)).sort_values("lam")
         label = f"{key[0]} {key[3]} {tables.show_strategies(key[4])}"
         ax.errorbar(group["lam"], group["mAP"], yerr=group["std"].fillna(0), marker="o", capsize=3, label=label)
     ax.set_xlabel("λ_DI")
-    ax.set_ylabel("mAP (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_ylabel("mAP (%), ± seed std")
+    _legend_beside(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
 def strategy_plot(c: pd.DataFrame, path: Path) -> bool:
-    """Δ mAP over the student for each single strategy with DI: ours (one bar per pair) beside the paper's."""
+    """Δ mAP over the student for each single strategy with DI: ours (one bar per pair, error bar = the pooled
+    seed std of the cell and its baseline; none with one seed) beside the paper's."""
     ref = tables._at_reference(c)
-    pairs = tables._pairs(ref)
-    bars = {}
-    for pair in pairs:
-        base = tables._student_mean(ref, pair)
+    bars, errors = {}, {}
+    for pair in tables._pairs(ref):
+        base = tables.student_cell(ref, pair)
         rows = [tables._di_single(ref, pair, s) for s in STRATEGIES]
-        if any(r is not None for r in rows) and base == base:
-            bars[f"{pair[1]} → {pair[2]}"] = [r["mAP"] - base if r is not None else float("nan") for r in rows]
+        if base is None or all(r is None for r in rows):
+            continue
+        label = f"{pair[1]} → {pair[2]}"
+        bars[label] = [r["mAP"] - base["mAP"] if r is not None else float("nan") for r in rows]
+        errors[label] = [tables.pooled_std(r, base) if r is not None and min(r["n"], base["n"]) > 1 else 0.0
+                         for r in rows]
     if not bars:
         return False
-    bars[f"paper: {paper.TABLE2_PAIR}"] = [paper.TABLE2[s][1] for s in STRATEGIES]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    label = f"paper: {paper.TABLE2_PAIR}"
+    bars[label], errors[label] = [paper.TABLE2[s][1] for s in STRATEGIES], [0.0] * len(STRATEGIES)
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars.items()):
-        ax.bar([x + i * width for x in range(len(STRATEGIES))], values, width, label=label)
+        ax.bar([x + i * width for x in range(len(STRATEGIES))], values, width, yerr=errors[label], capsize=3,
+               label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(STRATEGIES))], STRATEGIES)
     ax.set_ylabel("Δ mAP over the student (points)")
     ax.axhline(0, color="black", linewidth=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_beside(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

@@ -1,8 +1,8 @@
 """The paper's tables from a frame of finished runs (one row per run, the MLflow schema's params as columns).
 
 Cells are the runs of one (detector, teacher, student, method, strategies, lambda_di, lambda_feat), aggregated
-over seeds: mean ± sample std. Δ = a cell's mean mAP - the mean mAP of its pair's student baseline. A cell with
-no finished run prints "–"; nothing is interpolated.
+over seeds: mean ± sample std and the seed count n. Δ = a cell's mean mAP - the mean mAP of its pair's student
+baseline, marked by NOISE_RULE. A cell with no finished run prints "–"; nothing is interpolated.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from dist2.report import paper
 PAIR = ["detector", "teacher", "student"]
 CELL = PAIR + ["method", "strategies", "lambda_di", "lambda_feat"]
 MISSING = "–"
-METHOD_ROWS = {"teacher": "(teacher)", "student": "(student)", "hint": "+ Hint", "pad": "+ PAD",
+METHOD_ROWS = {"teacher": "(teacher)", "student": "(student)", "hint": "+ Hint = FI (N2N)", "pad": "+ PAD",
                "nonlocal": "+ NonLocal", "fi": "+ FI", "di": "+ DI", "dist2": "+ Dist2"}
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: mAP mean/std/n and teacher_head_mAP mean over its seeds."""
+    """One row per cell: mAP mean/std/n, and the two teacher-head measures' means over its seeds."""
     grouped = runs.groupby(CELL, sort=False)
     out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
-    out["teacher_head_mAP"] = grouped["teacher_head_mAP"].mean()
+    for metric in ("teacher_head_probe_mAP", "teacher_head_mAP"):
+        out[metric] = grouped[metric].mean()
     out = out.reset_index()
     # Rows in the paper's order whatever order the trials ran in: pairs as they first appear, then the method
     # (teacher, student, baselines, DI, Dist2), the number of strategies, the strategies, λ.
@@ -56,6 +57,35 @@ def fmt_delta(delta: float | None) -> str:
     return MISSING if delta is None or math.isnan(delta) else f"{delta:+.1f}"
 
 
+ABOVE_NOISE, WITHIN_NOISE, ONE_SEED = "✓", "within noise", "1 seed: no noise estimate"
+NOISE_RULE = (f"A Δ is marked {ABOVE_NOISE} (above noise) only when both cells have ≥ 2 seeds and |Δ| exceeds twice "
+              "their pooled seed standard deviation; with 2–3 seeds this is a rough screen, not a significance "
+              f"test. Otherwise it reads \"{WITHIN_NOISE}\", or \"{ONE_SEED}\" when either cell has a single seed.")
+
+
+def pooled_std(a, b) -> float:
+    """The pooled sample standard deviation of two cells (rows with std and n)."""
+    dof = a["n"] + b["n"] - 2
+    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / dof)
+
+
+def marked_delta(row, base) -> str:
+    """`row`'s Δ over `base` (both cells) with its noise mark, e.g. "+6.0 ✓", "+0.4 (within noise)"."""
+    delta = row["mAP"] - base["mAP"]
+    if math.isnan(delta):
+        return MISSING
+    if min(row["n"], base["n"]) < 2:
+        return f"{delta:+.1f} ({ONE_SEED})"
+    if abs(delta) > 2 * pooled_std(row, base):
+        return f"{delta:+.1f} {ABOVE_NOISE}"
+    return f"{delta:+.1f} ({WITHIN_NOISE})"
+
+
+def fmt_cell(row) -> str:
+    """mean ± std, n=seeds."""
+    return f"{fmt(row['mAP'], row['std'])}, n={int(row['n'])}"
+
+
 def show_strategies(strategies: str) -> str:
     """`B2B,N2N` -> `N2N, B2B` (the paper's order); all four -> All2All; none -> –."""
     if not strategies:
@@ -64,9 +94,10 @@ def show_strategies(strategies: str) -> str:
     return "All2All" if len(chosen) == len(STRATEGIES) else ", ".join(s for s in STRATEGIES if s in chosen)
 
 
-def _student_mean(c: pd.DataFrame, pair: tuple) -> float:
+def student_cell(c: pd.DataFrame, pair: tuple) -> pd.Series | None:
+    """The pair's student-baseline cell (mAP, std, n), or None."""
     rows = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "student")]
-    return float(rows["mAP"].iloc[0]) if len(rows) else math.nan
+    return rows.iloc[0] if len(rows) else None
 
 
 def _pairs(c: pd.DataFrame) -> list[tuple]:
@@ -86,14 +117,15 @@ def table1(c: pd.DataFrame) -> pd.DataFrame:
     out = []
     for pair in _pairs(c):
         detector, teacher, student = pair
-        base = _student_mean(c, pair)
+        base = student_cell(c, pair)
         ours = {}
         t = _teacher_row(c, detector, teacher)
         if t is not None:
             ours[("teacher", "")] = t
         mine = c[(c[PAIR].apply(tuple, axis=1) == pair)]
         for _, row in mine.iterrows():
-            ours[(row["method"], row["strategies"])] = row
+            key = (row["method"], row["strategies"])
+            ours[("hint", "N2N") if key == ("fi", "N2N") else key] = row  # one experiment: the Hint row
         published = [k[1:] for k in paper.TABLE1 if k[0] == detector]
         keys = list(dict.fromkeys([k for k in published] + list(ours)))
         keys.sort(key=lambda k: list(METHOD_ROWS).index(k[0]))
@@ -106,7 +138,8 @@ def table1(c: pd.DataFrame) -> pd.DataFrame:
                 "detector": detector, "teacher → student": f"{teacher} → {student}",
                 "row": f"{label} {METHOD_ROWS[method]}".strip(), "strategy": show_strategies(strategies),
                 "mAP": fmt(mean, None if row is None else row["std"]),
-                "Δ": fmt_delta(mean - base) if mean is not None and method != "teacher" and method != "student" else "",
+                "Δ": marked_delta(row, base) if row is not None and base is not None
+                and method not in ("teacher", "student") else "",
                 "seeds": "" if row is None else int(row["n"]),
                 f"paper mAP ({paper.TABLE1_PAIR})": MISSING if p_map is None else f"{p_map:.1f}{note}",
                 "paper Δ": "" if p_delta is None else fmt_delta(p_delta),
@@ -119,10 +152,10 @@ def _di_single(c: pd.DataFrame, pair: tuple, strategies: str):
     return rows.iloc[0] if len(rows) else None
 
 
-def _with_delta(row, base: float) -> str:
+def _with_delta(row, base) -> str:
     if row is None:
         return MISSING
-    return f"{fmt(row['mAP'], row['std'])} ({fmt_delta(row['mAP'] - base)})"
+    return f"{fmt_cell(row)}; Δ {marked_delta(row, base) if base is not None else MISSING}"
 
 
 def table2(c: pd.DataFrame) -> pd.DataFrame:
@@ -130,8 +163,8 @@ def table2(c: pd.DataFrame) -> pd.DataFrame:
     c = _at_reference(c)
     out = []
     for pair in _pairs(c):
-        base = _student_mean(c, pair)
-        out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})", "student": fmt(base),
+        base = student_cell(c, pair)
+        out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})", "student": MISSING if base is None else fmt_cell(base),
                     **{s: _with_delta(_di_single(c, pair, s), base) for s in STRATEGIES}})
     out.append({"pair": f"paper: {paper.TABLE2_PAIR}", "student": fmt(paper.TABLE2_STUDENT),
                 **{s: f"{m:.1f} ({fmt_delta(d)})" for s, (m, d) in paper.TABLE2.items()}})
@@ -144,7 +177,7 @@ def table3(c: pd.DataFrame) -> pd.DataFrame:
     c = _at_reference(c)
     out = []
     for pair in _pairs(c):
-        base = _student_mean(c, pair)
+        base = student_cell(c, pair)
         mine = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "di")]
         rows: dict[str, dict] = {}
         for _, row in mine.iterrows():
@@ -173,17 +206,24 @@ def lambda_table(c: pd.DataFrame) -> pd.DataFrame:
         detector, teacher, student, method, strategies, lambda_feat = key
         values = {f"λ_DI={lam}": MISSING for lam in lambdas}
         for _, row in group.iterrows():
-            values[f"λ_DI={row['lambda_di']}"] = fmt(row["mAP"], row["std"])
+            values[f"λ_DI={row['lambda_di']}"] = fmt_cell(row)
         out.append({"pair": f"{teacher} → {student} ({detector})", "method": METHOD_ROWS[method],
                     "strategy": show_strategies(strategies), "λ_feat": lambda_feat or MISSING, **values})
     return pd.DataFrame(out)
 
 
+PROBE_COLUMN = "teacher head, probe (every run)"
+TRAINED_COLUMN = "teacher head, the run's own N2N adapter"
+
+
 def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
-    """The poster's motivation: the student's neck through the teacher's head (teacher_head_mAP) beside mAP."""
-    rows = c[(c["method"] != "teacher") & c["teacher_head_mAP"].notna()]
+    """The poster's motivation: the student's neck through the teacher's head beside mAP. The probe column is the
+    same least-squares procedure for every run (comparable across rows); the adapter column is the run's own
+    trained N2N f_trans (DI-N2N trains it through the teacher's head: high by construction)."""
+    rows = c[(c["method"] != "teacher") & c["teacher_head_probe_mAP"].notna()]
     return pd.DataFrame([{
         "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": METHOD_ROWS[r["method"]],
         "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
-        "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt(r["mAP"], r["std"]),
-        "teacher_head_mAP": fmt(r["teacher_head_mAP"])} for _, r in rows.iterrows()])
+        "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
+        PROBE_COLUMN: fmt(r["teacher_head_probe_mAP"]), TRAINED_COLUMN: fmt(r["teacher_head_mAP"])}
+        for _, r in rows.iterrows()])

@@ -8,14 +8,12 @@ DI does) sets the class attribute `needs_teacher_loss = True`.
 
 from dist2.distill.losses.di import DetectionImitation
 from dist2.distill.losses.fi import FeatureImitation
-from dist2.distill.losses.hint import Hint
 from dist2.distill.losses.nonlocal_kd import NonLocal
 from dist2.distill.losses.pad import PAD
 
 LOSSES = {
     "fi": FeatureImitation,
     "di": DetectionImitation,
-    "hint": Hint,
     "pad": PAD,
     "nonlocal": NonLocal,
 }
@@ -26,7 +24,6 @@ METHOD_LOSSES = {
     "fi": ["fi"],
     "di": ["di"],
     "dist2": ["fi", "di"],
-    "hint": ["hint"],
     "pad": ["pad"],
     "nonlocal": ["nonlocal"],
 }
