@@ -332,12 +332,13 @@ def test_nonlocal_masks_average_both_attentions_detached_and_follow_the_student(
     assert (moved - spatial).abs().max() > 1e-3  # the student's features move the mask
 
 
-def test_nonlocal_blocks_pool_keys_and_start_as_the_identity():
+@pytest.mark.parametrize("stride, inner", [(2, 4), (4, 2), (8, 2)])
+def test_nonlocal_blocks_pool_keys_and_start_as_the_identity(stride, inner):
     from dist2.distill.losses.nonlocal_kd import NonLocalBlock
 
-    block = NonLocalBlock(8, stride=2)
-    x = torch.randn(1, 8, 16, 12)
+    block = NonLocalBlock(8, stride=stride)
+    x = torch.randn(1, 8, 16, 24)
     torch.testing.assert_close(block(x), x)  # zero-initialised output: the identity at the start
     keys = block._pool(block.phi(x)).flatten(2)
-    assert keys.shape[-1] == 16 * 12 // 4  # a quarter of the positions: (HW)² / 4 attention entries
+    assert keys.shape[1:] == (inner, 16 * 24 // stride**2)  # (HW)² / stride² attention entries
     assert block._pool(torch.randn(1, 4, 1, 1)).shape[-1] == 1  # a 1x1 level is not pooled

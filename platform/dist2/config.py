@@ -160,12 +160,12 @@ class PADConfig(_Strict):
 class NonLocalConfig(_Strict):
     # Zhang & Ma (ICLR 2021), with the source's default weights: attention-masked feature loss (alpha),
     # attention transfer (beta), non-local relation loss (gamma); temperature of the attention softmax; the
-    # non-local blocks' key/value max-pooling stride.
+    # non-local blocks' key/value max-pooling window per level, P3 to P7.
     alpha: float = Field(7e-5, ge=0.0)
     beta: float = Field(4e-3, ge=0.0)
     gamma: float = Field(7e-5, ge=0.0)
     temperature: float = Field(0.5, gt=0.0)
-    stride: int = Field(2, ge=1)
+    strides: list[int] = Field(default_factory=lambda: [8, 4, 2, 2, 2], min_length=5, max_length=5)
 
 
 class DistillConfig(_Strict):

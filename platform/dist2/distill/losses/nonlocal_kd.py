@@ -11,8 +11,9 @@ feature S = f_trans(student P) and the teacher's T (N, C, H, W), summed over the
   3x3-conv adaptation of the student's;
 - non-local relation loss, `gamma` (source 7e-5): L2 distance between a non-local block on T and a 1x1
   adaptation of a non-local block on S. The blocks (embedded Gaussian, Wang et al. 2018) max-pool their keys
-  and values by `stride` (2), so attention costs (H·W)²/stride² instead of (H·W)², and their output conv starts
-  at zero: each block starts as the identity.
+  and values by a per-level `strides` window (the source's 8, 4, 2, 2, 2 for P3-P7, with C/4 inner channels
+  where the window is 4 or more, as its 64 of 256), so P3's attention costs (H·W)²/64 instead of (H·W)², and
+  their output conv starts at zero: each block starts as the identity.
 
 Ours: the source's student has the teacher's channel count; ours need not, so every student-side term works on
 S = f_trans(student), the run's N2N adapter (the source's `adaptation_layers`). The three adaptation layers
@@ -20,7 +21,7 @@ start as the identity (the source leaves them random) so that identical features
 Both masks weight the feature loss as the paper writes it (the source's code applies the spatial one only).
 
 YAML: `distill: {method: nonlocal, strategies: [N2N], nonlocal: {alpha: 7.0e-5, beta: 4.0e-3, gamma: 7.0e-5,
-temperature: 0.5, stride: 2}}`.
+temperature: 0.5, strides: [8, 4, 2, 2, 2]}}`.
 """
 
 import torch
@@ -50,7 +51,7 @@ class NonLocalBlock(nn.Module):
 
     def __init__(self, channels: int, stride: int):
         super().__init__()
-        inner = max(1, channels // 2)
+        inner = max(1, channels // (4 if stride >= 4 else 2))
         self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
         self.stride = stride
         self.out = nn.Conv2d(inner, channels, 1)
@@ -97,7 +98,7 @@ class NonLocal(nn.Module):
     def __init__(self, cfg, student_channels, teacher_channels):
         super().__init__()
         self.cfg = cfg.nonlocal_
-        self.levels = nn.ModuleList(LevelModules(t, self.cfg.stride) for t in teacher_channels)
+        self.levels = nn.ModuleList(LevelModules(t, stride) for t, stride in zip(teacher_channels, self.cfg.strides))
 
     def forward(self, imitation: Imitation):
         c = self.cfg
