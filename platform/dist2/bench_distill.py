@@ -62,21 +62,24 @@ def _time(fn, steps: int, device) -> float:
     return statistics.median(times[1:])
 
 
+def _training_step(student, teacher, method: str, strategies: list[str], images, targets, device):
+    """A function running one full training step (forward, backward, SGD step) of `method` on the batch."""
+    distiller = Distiller(student, teacher, DistillConfig(method=method, strategies=strategies)).to(device).train()
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = sum(distiller(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def _kinds(cfg, device, images, targets, student, teacher):
     """name -> a function running one step of that kind."""
-    kinds = {}
-    for name, (method, strategies) in METHODS.items():
-        distiller = Distiller(student, teacher, DistillConfig(method=method, strategies=strategies)).to(device)
-        distiller.train()
-        optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-5)
-
-        def step(distiller=distiller, optimizer=optimizer):
-            loss = sum(distiller(images, targets).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        kinds[f"step: {name}"] = step
+    kinds = {f"step: {name}": _training_step(student, teacher, method, strategies, images, targets, device)
+             for name, (method, strategies) in METHODS.items()}
 
     probe = Distiller(student, teacher, DistillConfig(method="di", strategies=["All2All"])).to(device)
     image_list, prepared, _ = student.preprocess(images, targets)
@@ -159,28 +162,19 @@ def _paper_step(path: Path, method: str, strategies: list[str]):
     images = [torch.rand(3, h, w, device=device) for _ in range(2)]
     boxes = torch.tensor([[100.0, 120.0, 400.0, 500.0], [600.0, 200.0, 900.0, 700.0], [50.0, 400.0, 250.0, 780.0]])
     targets = [{"boxes": boxes.to(device), "labels": torch.tensor([1, 5, 9], device=device)} for _ in images]
-    distiller = Distiller(student, teacher, DistillConfig(method=method, strategies=strategies)).to(device).train()
-    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        loss = sum(distiller(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, device
+    return _training_step(student, teacher, method, strategies, images, targets, device), device
 
 
 def _paper_memory_in_child(path, method, strategies, queue):
     step, device = _paper_step(path, method, strategies)
     start = time.perf_counter()
     step()
-    seconds = time.perf_counter() - start
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        queue.put((seconds, torch.cuda.max_memory_allocated() / 2**20))
-    else:
-        queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        torch.cuda.synchronize()  # before the clock stops: the step's kernels run asynchronously
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put((seconds, peak))
 
 
 def bench_distill_memory(path: Path) -> dict[str, float]:
