@@ -4,6 +4,7 @@ PostgreSQL and to SQLite: teachers trained once and reused, Train inside Tune ac
 driver is killed, and the ablation file's mistakes."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,6 +197,9 @@ def test_gpu_trials_take_one_declared_gpu_each_and_get_cuda_visible_devices(clus
     assert _max_overlap(grid) == 2
     assert {r.data.tags["dist2.cuda_visible_devices"] for r in grid} == {"0"}
     assert len({r.data.tags["dist2.node_ids"] for r in grid}) == 2
+    # One torch thread per trial (cpus_per_worker: 1), and the report's hardware line says it computed on the CPU.
+    assert all(re.fullmatch(r"\S+ \d+ CPU cores, 1 torch thread\(s\), no GPU; torch .+", r.data.tags["dist2.machine"])
+               for r in grid)
 
 
 def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
@@ -288,7 +292,11 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
     assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "model.pth").is_file()
     assert ("dist2.reused_from" in by_method["teacher"].data.tags) == trained_before
     assert by_method["teacher"].info.status == "FINISHED"
-    assert (out / "jobgrid" / "report" / "results.md").is_file()
+    # The hardware beside the numbers: rank 0's host, computing on CPU (train.device: cpu) though GPUs are held.
+    assert re.fullmatch(r"2 workers, rank 0 on \S+ \d+ CPU cores, 2 torch thread\(s\), no GPU; torch .+",
+                        di.tags["dist2.machine"])
+    report = (out / "jobgrid" / "report" / "results.md").read_text()
+    assert f"Command: `dist2 ablate {ablation}`" in report and f"{di.tags['dist2.machine']} (1 run(s))" in report
     assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("jobgrid") is None  # all on the server
 
 

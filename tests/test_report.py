@@ -18,7 +18,7 @@ FCOS_R50 = ("fcos", "ResNeXt101", "ResNet50C128")
 
 
 def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lambda_di="", status="FINISHED",
-              teacher_head=None):
+              teacher_head=None, machine=None):
     detector, teacher, student = pair
     if (method, strategies) == ("hint", "N2N"):
         method = "fi"  # what dist2 logs for Hint = FI (N2N)
@@ -31,6 +31,8 @@ def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lamb
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     client.log_metric(run.info.run_id, "mAP", mAP)
+    if machine is not None:
+        client.set_tag(run.info.run_id, "dist2.machine", machine)
     if teacher_head is not None:  # (probe, trained adapter)
         client.log_metric(run.info.run_id, "teacher_head_probe_mAP", teacher_head[0])
         if teacher_head[1] is not None:
@@ -51,7 +53,8 @@ def store(tmp_path_factory):
             continue  # a cell nobody ran
         if (detector, method) == ("fcos", "dist2"):
             for seed, value in enumerate((mAP - 0.2, mAP, mAP + 0.2)):  # three seeds: mean = the paper's
-                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(30.0 + seed, 40.0))
+                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(30.0 + seed, 40.0),
+                          machine="8x NVIDIA H200")
         elif (detector, method) == ("fcos", "student"):  # no adapter of its own: the probe only
             for seed, value in enumerate((mAP - 0.1, mAP, mAP + 0.1)):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(5.0, None))
@@ -71,6 +74,7 @@ def store(tmp_path_factory):
     # Never counted: a run still going, a failed one, and a run of another experiment.
     _seed_run(client, exp, FCOS_MNV2, "hint", "N2N", 99.0, seed=7, status="RUNNING")
     _seed_run(client, exp, FCOS_MNV2, "di", "N2N", 99.0, seed=8, status="FAILED")
+    client.set_experiment_tag(exp, "dist2.command", "dist2 ablate ablations/paper_table1.yaml --set seed=3")
     other = client.create_experiment("other")
     _seed_run(client, other, FCOS_MNV2, "student", "", 1.0, seed=9)
 
@@ -78,6 +82,13 @@ def store(tmp_path_factory):
     result = run_cli("report", "--experiment", "paper", "--tracking-uri", uri, "--out", out)
     assert result.returncode == 0, result.stderr
     return {"uri": uri, "out": out, "text": (out / "results.md").read_text(), "client": client, "exp": exp}
+
+
+def test_the_report_says_which_command_and_machines_made_its_numbers(store):
+    head = store["text"].split("\n## ", 1)[0]
+    assert "Command: `dist2 ablate ablations/paper_table1.yaml --set seed=3`" in head
+    # Only the three tagged runs name their machine; the failed and running ones are never counted.
+    assert "Measured on: 8x NVIDIA H200 (3 run(s))" in head
 
 
 def _section(text: str, title: str) -> list[list[str]]:

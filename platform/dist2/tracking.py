@@ -21,6 +21,8 @@ from dist2.errors import RunFailed, UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "dist2"
+MACHINE_TAG = "dist2.machine"  # run tag: the hardware a run's numbers come from (rank 0's host, world size)
+COMMAND_TAG = "dist2.command"  # experiment tag: the command that runs the experiment's grid
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: Path) -> str:
@@ -65,6 +67,18 @@ def experiment_id(uri: str, experiment: str) -> str:
                                                                           artifact_location=_artifact_root(uri))
     except Exception as exc:
         raise _unusable(uri, exc) from None
+
+
+def tag_experiment(uri: str, experiment: str, tags: dict[str, str]) -> None:
+    client = _quick_client(uri)
+    exp_id = experiment_id(uri, experiment)
+    for key, value in tags.items():
+        client.set_experiment_tag(exp_id, key, value)
+
+
+def experiment_tag(uri: str, experiment: str, key: str) -> str | None:
+    found = _quick_client(uri).get_experiment_by_name(experiment)
+    return found.tags.get(key) if found else None
 
 
 def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, experiment: str,

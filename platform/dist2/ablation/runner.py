@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -198,7 +199,9 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     # that Ray may unpack again under a running driver (seen with two nodes on one machine), and Tune needs a cwd.
     os.chdir(spec.output_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
-    tracking.experiment_id(uri, spec.name)  # the store is usable, and the experiment exists before any trial
+    # The store is usable, and the experiment exists before any trial; the report prints its command.
+    tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: shlex.join(
+        ["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])})
     job = {"uri": uri, "experiment": spec.name, "source": str(source)}
     missing = [t for t in teachers if finished_run(t.cfg) is None]
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,

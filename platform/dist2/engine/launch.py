@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import platform as host
 import shutil
 import sys
 import tempfile
@@ -82,6 +83,16 @@ def _placement() -> dict:
     return {"node": ray.get_runtime_context().get_node_id(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
+def _machine(device: torch.device, world_size: int) -> str:
+    """What a run's numbers were measured on, for the report beside its tables: rank 0's host (the others match
+    in any sane worker group) and the world size."""
+    compute = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+               else "no GPU")
+    workers = f"{world_size} workers, rank 0 on " if world_size > 1 else ""
+    return (f"{workers}{host.machine()} {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s), "
+            f"{compute}; torch {torch.__version__}")
+
+
 def _worker(job: dict) -> dict | None:
     """One worker's run; returns a failure record ({"failure": reason, ...}) or None. In local mode it runs in
     the driver's process and the run folder is the storage; in a worker group `ray.train.report` persists each
@@ -98,6 +109,8 @@ def _worker(job: dict) -> dict | None:
     rank = distributed.rank()
     logger = tracking.EpochLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
     placements = distributed.gather([_placement()])
+    if logger is not None:
+        logger.set_tags({tracking.MACHINE_TAG: _machine(device, len(placements))})
     if logger is not None and placements[0]:
         nodes = list(dict.fromkeys(p["node"] for p in placements))
         logger.set_tags({"dist2.world_size": str(len(placements)), "dist2.nodes": str(len(nodes)),

@@ -48,15 +48,25 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     runs = pd.DataFrame({
         **{p: frame.get(f"params.{p}", pd.Series(index=frame.index, dtype=object)) for p in SCHEMA},
         **{m: frame.get(f"metrics.{m}", pd.Series(index=frame.index, dtype=float)) for m in METRICS},
+        "machine": frame.get(f"tags.{tracking.MACHINE_TAG}", pd.Series(index=frame.index, dtype=object)),
     })
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
 
 
-def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str) -> str:
+def provenance(runs: pd.DataFrame, command: str | None) -> list[str]:
+    """The lines that say how the numbers were made: the command, and each machine with its run count."""
+    lines = [f"Command: `{command}`" if command else "Command: not recorded (runs logged outside `dist2 ablate`)."]
+    machines = runs["machine"].dropna().value_counts()
+    lines += ["Measured on: " + "; ".join(f"{machine} ({n} run(s))" for machine, n in machines.items())
+              if len(machines) else "Measured on: not recorded for these runs."]
+    return [line + "  " for line in lines[:-1]] + lines[-1:]  # markdown line breaks
+
+
+def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, command: str | None = None) -> str:
     """results.md's text; the plots are written to `out` and linked."""
     c = tables.cells(runs)
-    lines = [f"# {experiment}: results", "",
+    lines = [f"# {experiment}: results", "", *provenance(runs, command), "",
              f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± sample std "
              "over seeds where a cell has several, n = its seeds; Δ = mAP − the pair's student baseline. "
              "Tables 1–3 use the runs at λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); "
@@ -82,7 +92,8 @@ def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"
-    path.write_text(render(runs, list(which), out, experiment) + "\n")
+    command = tracking.experiment_tag(uri, experiment, tracking.COMMAND_TAG)
+    path.write_text(render(runs, list(which), out, experiment, command) + "\n")
     artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
     tracking.log_summary(uri, experiment, artifacts, extra_metrics or {})
     return path
