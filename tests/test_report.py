@@ -57,7 +57,8 @@ def store(tmp_path_factory):
                           machine="8x NVIDIA H200")
         elif (detector, method) == ("fcos", "student"):  # no adapter of its own: the probe only
             for seed, value in enumerate((mAP - 0.1, mAP, mAP + 0.1)):
-                _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(5.0, None))
+                _seed_run(client, exp, pair, method, strategies, value, seed=seed,
+                          teacher_head=(4.0 + seed, None))
         elif (detector, method) == ("fcos", "hint"):  # two seeds far apart: its +1.1 is within their noise
             for seed, value in enumerate((mAP - 1.5, mAP + 1.5)):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed)
@@ -144,8 +145,10 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store):
     assert n2n[4:] == ["38.3, n=1", "30.0, n=1"]  # λ_DI = 1.0, 2.0
     table = store["text"].split("## Teacher-head mAP", 1)[1]
     assert "teacher head, probe (every run)" in table and "teacher head, the run's own N2N adapter" in table
-    head = {r[1]: r[-2:] for r in _section(store["text"], "Teacher-head mAP")}
-    assert head == {"+ Dist2": ["31.0", "40.0"], "(student)": ["5.0", "–"]}  # probe: mean over seeds 30, 31, 32
+    assert "probe Δ over the student" in table
+    # probe: seeds 30, 31, 32 against the student's 4, 5, 6 (pooled std 1.0: +26.0 is far above it); adapter: 40 x 3
+    head = {r[1]: r[-3:] for r in _section(store["text"], "Teacher-head mAP")}
+    assert head == {"+ Dist2": ["31.0 ± 1.0", "+26.0 ✓", "40.0 ± 0.0"], "(student)": ["5.0 ± 1.0", "", "–"]}
     for picture in ("table2.png", "lambda_di.png"):
         assert (store["out"] / picture).stat().st_size > 1000 and f"]({picture})" in store["text"]
     client = store["client"]
@@ -166,6 +169,16 @@ def test_a_delta_is_above_noise_only_beyond_twice_the_pooled_seed_std(row, expec
     from dist2.report.tables import marked_delta
 
     assert marked_delta(row, {"mAP": 30.0, "std": 0.5, "n": 3}) == expected
+
+
+def test_teacher_head_deltas_use_that_metrics_own_seed_spread():
+    from dist2.report.tables import marked_delta
+
+    probe = "teacher_head_probe_mAP"
+    fi = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 40.0, f"{probe}_std": 0.5, f"{probe}_n": 3}
+    di = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 38.0, f"{probe}_std": 0.5, f"{probe}_n": 3}
+    assert marked_delta(fi, di, probe) == "+2.0 ✓"  # mAP's std (9.0) would have called it noise
+    assert marked_delta(fi, {**di, f"{probe}_n": 1}, probe) == "+2.0 (1 seed: no noise estimate)"
 
 
 def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):

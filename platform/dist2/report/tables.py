@@ -22,12 +22,18 @@ METHOD_ROWS = {"teacher": "(teacher)", "student": "(student)", "hint": "+ Hint =
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
+TEACHER_HEAD = ("teacher_head_probe_mAP", "teacher_head_mAP")
+
+
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: mAP mean/std/n, and the two teacher-head measures' means over its seeds."""
+    """One row per cell: mAP mean/std/n, and the same (`<metric>`, `<metric>_std`, `<metric>_n`) for the two
+    teacher-head measures."""
     grouped = runs.groupby(CELL, sort=False)
     out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
-    for metric in ("teacher_head_probe_mAP", "teacher_head_mAP"):
+    for metric in TEACHER_HEAD:
         out[metric] = grouped[metric].mean()
+        out[f"{metric}_std"] = grouped[metric].std()
+        out[f"{metric}_n"] = grouped[metric].count()
     out = out.reset_index()
     # Rows in the paper's order whatever order the trials ran in: pairs as they first appear, then the method
     # (teacher, student, baselines, DI, Dist2), the number of strategies, the strategies, λ.
@@ -63,20 +69,27 @@ NOISE_RULE = (f"A Δ is marked {ABOVE_NOISE} (above noise) only when both cells 
               f"test. Otherwise it reads \"{WITHIN_NOISE}\", or \"{ONE_SEED}\" when either cell has a single seed.")
 
 
-def pooled_std(a, b) -> float:
-    """The pooled sample standard deviation of two cells (rows with std and n)."""
-    dof = a["n"] + b["n"] - 2
-    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / dof)
+def _spread(metric: str) -> tuple[str, str]:
+    """A cell's std and seed-count columns for `metric` (mAP's are plain `std` and `n`)."""
+    return ("std", "n") if metric == "mAP" else (f"{metric}_std", f"{metric}_n")
 
 
-def marked_delta(row, base) -> str:
-    """`row`'s Δ over `base` (both cells) with its noise mark, e.g. "+6.0 ✓", "+0.4 (within noise)"."""
-    delta = row["mAP"] - base["mAP"]
+def pooled_std(a, b, metric: str = "mAP") -> float:
+    """The pooled sample standard deviation of two cells' `metric` over their seeds."""
+    std, n = _spread(metric)
+    dof = a[n] + b[n] - 2
+    return math.sqrt(((a[n] - 1) * a[std] ** 2 + (b[n] - 1) * b[std] ** 2) / dof)
+
+
+def marked_delta(row, base, metric: str = "mAP") -> str:
+    """`row`'s Δ over `base` (both cells) in `metric` with its noise mark, e.g. "+6.0 ✓", "+0.4 (within noise)"."""
+    delta = row[metric] - base[metric]
     if math.isnan(delta):
         return MISSING
-    if min(row["n"], base["n"]) < 2:
+    _, n = _spread(metric)
+    if min(row[n], base[n]) < 2:
         return f"{delta:+.1f} ({ONE_SEED})"
-    if abs(delta) > 2 * pooled_std(row, base):
+    if abs(delta) > 2 * pooled_std(row, base, metric):
         return f"{delta:+.1f} {ABOVE_NOISE}"
     return f"{delta:+.1f} ({WITHIN_NOISE})"
 
@@ -216,14 +229,25 @@ PROBE_COLUMN = "teacher head, probe (every run)"
 TRAINED_COLUMN = "teacher head, the run's own N2N adapter"
 
 
+PROBE_DELTA_COLUMN = "probe Δ over the student"
+
+
 def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
     """The poster's motivation: the student's neck through the teacher's head beside mAP. The probe column is the
-    same least-squares procedure for every run (comparable across rows); the adapter column is the run's own
-    trained N2N f_trans (DI-N2N trains it through the teacher's head: high by construction)."""
+    same least-squares procedure for every run (comparable across rows, so its Δ over the student baseline is
+    marked by the noise rule); the adapter column is the run's own trained N2N f_trans (DI-N2N trains it through
+    the teacher's head: high by construction). Means ± std over the cell's seeds."""
     rows = c[(c["method"] != "teacher") & c["teacher_head_probe_mAP"].notna()]
-    return pd.DataFrame([{
-        "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": METHOD_ROWS[r["method"]],
-        "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
-        "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
-        PROBE_COLUMN: fmt(r["teacher_head_probe_mAP"]), TRAINED_COLUMN: fmt(r["teacher_head_mAP"])}
-        for _, r in rows.iterrows()])
+    out = []
+    for _, r in rows.iterrows():
+        pair = tuple(r[PAIR])
+        base = student_cell(c, pair)
+        out.append({
+            "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": METHOD_ROWS[r["method"]],
+            "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
+            "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
+            PROBE_COLUMN: fmt(r["teacher_head_probe_mAP"], r["teacher_head_probe_mAP_std"]),
+            PROBE_DELTA_COLUMN: "" if base is None or r["method"] == "student"
+            else marked_delta(r, base, "teacher_head_probe_mAP"),
+            TRAINED_COLUMN: fmt(r["teacher_head_mAP"], r["teacher_head_mAP_std"])})
+    return pd.DataFrame(out)
