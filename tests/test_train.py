@@ -105,3 +105,26 @@ def test_training_learns(tmp_path, synth_root, detector):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": 30})})
     *_, (metrics, _) = epochs(cfg, Task(model, model), train_ds, val_ds, torch.device("cpu"))
     assert metrics["AP50"] > 30, metrics
+
+
+def test_trainings_started_together_on_a_fresh_sqlite_store_all_finish(tmp_path, synth_root):
+    """MLflow creates an SQLite store's tables on first use; three `dist2 train`s doing that at once used to fail
+    inside its migrations with a traceback."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    names = ["a", "b", "c"]
+    paths = [write_config(tmp_path / f"{n}.yaml", tiny_config(tmp_path, synth_root, name=n,
+                                                                 train={"epochs": 1, "lr_steps": []}))
+             for n in names]
+    drivers = [subprocess.Popen([sys.executable, "-m", "dist2", "train", str(p), "--tracking-uri", uri],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for p in paths]
+    errors = [d.communicate(timeout=600)[1] for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0, 0], "\n".join(e[-2000:] for e in errors)
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "dist2"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == names and {r.info.status for r in runs} == {"FINISHED"}

@@ -30,12 +30,28 @@ def resolve_tracking_uri(uri: str | None, output_dir: Path) -> str:
     absolute: a Ray job runs in a temporary working directory."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).absolute() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        uri = f"sqlite:///{path.absolute()}"
-        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri.removeprefix("sqlite:///")).absolute()
+        uri = f"sqlite:///{path}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_store_once(path, uri)
     elif "://" not in uri:
         raise UserError(f"tracking URI {uri!r}: give sqlite:///PATH or a server's http(s)://HOST:PORT")
     return uri
+
+
+def _create_sqlite_store_once(path: Path, uri: str) -> None:
+    """MLflow creates an SQLite store's tables on first use, and two processes doing that at once (two `dist2
+    train`s started together on a fresh store) both fail inside its migrations: create the store under a lock."""
+    if path.is_file() and path.stat().st_size:
+        return
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (path.is_file() and path.stat().st_size):
+            SqlAlchemyStore(uri, _artifact_root(uri)).engine.dispose()
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -63,8 +79,14 @@ def experiment_id(uri: str, experiment: str) -> str:
     client = _quick_client(uri)
     try:
         found = client.get_experiment_by_name(experiment)
-        return found.experiment_id if found else client.create_experiment(experiment,
-                                                                          artifact_location=_artifact_root(uri))
+        if found is None:
+            try:
+                return client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+            except Exception:
+                found = client.get_experiment_by_name(experiment)  # created by a process started beside us
+                if found is None:
+                    raise
+        return found.experiment_id
     except Exception as exc:
         raise _unusable(uri, exc) from None
 
