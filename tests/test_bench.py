@@ -7,7 +7,8 @@ def test_bench_prints_throughput_table(tmp_path, synth_root):
     assert result.returncode == 0, result.stderr
     header, rule, row = result.stdout.strip().splitlines()[-3:]
     assert "img/s" in header and "s/step" in header
-    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    names, values = ([c.strip() for c in line.strip("|").split("|")] for line in (header, row))
+    cells = dict(zip(names, values, strict=True))
     assert cells["config"] == "tiny" and cells["batch"] == "2" and float(cells["img/s"]) > 0
     assert not (tmp_path / "runs").exists()  # a benchmark writes no run
 

@@ -1,8 +1,9 @@
 import pytest
 
-from conftest import run_cli, tiny_config, write_config
 from dist2.config import flatten, load_config
 from dist2.errors import UserError
+
+from conftest import run_cli, tiny_config, write_config
 
 
 def test_valid_config_and_overrides(tmp_path, synth_root):

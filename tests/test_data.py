@@ -5,12 +5,13 @@ import logging
 import pytest
 import torch
 
-from conftest import run_cli
 from dist2.config import DataConfig, SynthConfig
 from dist2.data.coco import CocoDetection
 from dist2.data.synth import CATEGORIES, DIFFICULTIES, VERSION, generate
 from dist2.data.transforms import train_transforms
 from dist2.errors import UserError
+
+from conftest import run_cli
 
 
 def _digest(root):

@@ -72,7 +72,8 @@ def test_kuberay_rayjob_runs_an_ablation_without_a_public_dashboard():
     assert all(group["minReplicas"] < group["maxReplicas"] for group in cluster["workerGroupSpecs"])
     header = "".join(line for line in (DOCKER / "kuberay-rayjob.yaml").read_text().splitlines(True)
                      if line.startswith("#"))
-    assert "--allowed-hosts mlflow,mlflow:*" in header and "--tracking-uri http://mlflow:5000" in job["spec"]["entrypoint"]
+    assert "--allowed-hosts mlflow,mlflow:*" in header
+    assert "--tracking-uri http://mlflow:5000" in job["spec"]["entrypoint"]
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
@@ -104,7 +105,7 @@ def test_the_compose_tracking_server_accepts_the_host_names_its_clients_send(tmp
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     args = shlex.split(compose["services"]["mlflow"]["command"])
     assert args[:2] == ["mlflow", "server"]
-    options = dict(zip(args[2::2], args[3::2]))
+    options = dict(zip(args[2::2], args[3::2], strict=True))
     client_host = compose["x-node"]["environment"]["MLFLOW_TRACKING_URI"].removeprefix("http://")
     assert client_host == "mlflow:5000"
     port = free_port()

@@ -35,7 +35,7 @@ def test_stages_reproduce_torchvision_forward(batch, detector, backbone, width):
     with torch.no_grad():
         expected_det, staged_det = model(images), model.staged_forward(images)
     assert sum(len(d["boxes"]) for d in expected_det) > 0
-    for e, s in zip(expected_det, staged_det):
+    for e, s in zip(expected_det, staged_det, strict=True):
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(s[key], e[key], rtol=0, atol=0)
         assert e["labels"].max() < len(categories)

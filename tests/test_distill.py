@@ -4,7 +4,6 @@ import itertools
 import pytest
 import torch
 
-from conftest import distill_config, read_json, run_cli, tiny_config, write_config
 from dist2.config import STRATEGIES, DataConfig, DistillConfig, ModelConfig, NonLocalConfig
 from dist2.data.build import build_datasets
 from dist2.distill.distiller import Distiller
@@ -13,6 +12,8 @@ from dist2.distill.losses import LOSSES
 from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.evaluation import evaluate
 from dist2.modeling import build_detector
+
+from conftest import distill_config, read_json, run_cli, tiny_config, write_config
 
 DATA = dict(train_sizes=[96], test_size=96, max_size=160, hflip_prob=0.0)
 
@@ -112,7 +113,7 @@ def test_batched_teacher_pass_equals_one_pass_per_strategy(data, detector):
     student = _model(train.categories, detector, "mobilenet_v2", 32, 0.5)
     distiller = Distiller(student, teacher, DistillConfig(method="di", strategies=["All2All"]))
     image_list, prepared, _ = student.preprocess(images, targets)
-    t_feats = dict(zip("BN", distiller.teacher_features(image_list.tensors)))
+    t_feats = dict(zip("BN", distiller.teacher_features(image_list.tensors), strict=True))
     anchors = teacher.anchors(image_list, t_feats["N"])
     matched = teacher.match(prepared, anchors, t_feats["N"])
     injected = {s: [(t + 0.1 * torch.randn_like(t)).requires_grad_(True) for t in t_feats[s[2]][:level_count(s)]]
@@ -132,7 +133,7 @@ def test_batched_teacher_pass_equals_one_pass_per_strategy(data, detector):
     alone_values, alone_grads = terms_and_grads([[s] for s in STRATEGIES])
     for strategy in STRATEGIES:
         torch.testing.assert_close(batched_values[strategy], alone_values[strategy], rtol=1e-5, atol=1e-6)
-        for batched, alone in zip(batched_grads[strategy], alone_grads[strategy]):
+        for batched, alone in zip(batched_grads[strategy], alone_grads[strategy], strict=True):
             torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-7)
 
 
@@ -153,7 +154,7 @@ def test_every_strategy_subset_runs_with_stride_matched_levels(data, detector):
             s_ch = {"B": [16, 48, 160], "N": [32] * 5}[strategy[0]]  # mobilenet_v2 x0.5: C3-C5 channels
             t_ch = {"B": [128, 256, 512], "N": [64] * 5}[strategy[2]]
             n = 5 if strategy == "N2N" else 3
-            assert levels == list(zip(s_ch[:n], t_ch[:n])), strategy
+            assert levels == list(zip(s_ch[:n], t_ch[:n], strict=True)), strategy
         losses = distiller(images, targets)
         names = {f"loss_{kind}/{s}" for s in expected for kind in ("fi", "di")}
         assert names <= set(losses) and all(torch.isfinite(v) for v in losses.values())
@@ -275,7 +276,7 @@ def test_b2n_runs_the_teachers_extra_block_on_the_injected_p5(data):
     image_list, _, _ = student.preprocess(images, targets)
     injected = distiller.adapters["B2N"](student.backbone_stage(image_list.tensors))
     levels = distiller.teacher_rest("B2N", injected)
-    assert len(levels) == 5 and all(a is b for a, b in zip(levels[:3], injected))
+    assert len(levels) == 5 and all(a is b for a, b in zip(levels[:3], injected, strict=True))
     own = distiller.teacher_features(image_list.tensors)[1]
     assert not torch.allclose(levels[3], own[3])  # P6 from the injected P5, not the teacher's
     (levels[3].sum() + levels[4].sum()).backward()  # P6 and P7 alone
@@ -300,7 +301,7 @@ def test_pad_is_the_uncertainty_weighted_l2_with_a_clamped_log_variance(log_var,
     teacher = [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
     value = loss(Imitation("N2N", student, adapted, teacher, None))["loss_pad"]
     expected = 2.0 * sum(((t - a) ** 2 * torch.exp(torch.tensor(-used)) + used).mean()
-                         for t, a in zip(teacher, adapted)) / 2
+                         for t, a in zip(teacher, adapted, strict=True)) / 2
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -3,9 +3,10 @@ import math
 
 import pytest
 
-from conftest import read_json, run_cli
 from dist2.data.coco import load_coco
 from dist2.evaluation import METRIC_KEYS, coco_metrics
+
+from conftest import read_json, run_cli
 
 
 def _gt_as_results(ann_file, shift=0.0):
@@ -30,7 +31,7 @@ def test_wrong_category_scores_zero(synth_root):
     ann_file = synth_root / "annotations/instances_val.json"
     results = _gt_as_results(ann_file)
     ids = sorted({r["category_id"] for r in results})
-    swap = dict(zip(ids, ids[1:] + ids[:1]))
+    swap = dict(zip(ids, ids[1:] + ids[:1], strict=True))
     metrics = coco_metrics(load_coco(ann_file), [{**r, "category_id": swap[r["category_id"]]} for r in results])
     assert metrics["mAP"] == 0.0
 

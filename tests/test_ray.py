@@ -11,10 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import (distill_config, free_port, read_json, run_cli, start_mlflow_server, stop, tiny_config,
-                      write_config)
 from dist2.config import load_config
 
+from conftest import distill_config, free_port, read_json, run_cli, start_mlflow_server, stop, tiny_config, write_config
 
 # Eight images, evaluated on themselves: a teacher overfitted to them in seconds scores well above zero, which
 # makes "sharded evaluation == one process" a comparison of real numbers.

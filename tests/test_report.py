@@ -7,9 +7,9 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
-
 from dist2.report import paper
+
+from conftest import run_cli
 
 ALL = paper.ALL2ALL
 FCOS_MNV2 = ("fcos", "ResNeXt101", "MobileV2C128")

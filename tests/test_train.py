@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from conftest import read_json, run_cli, tiny_config, write_config
 from dist2.config import load_config
 from dist2.evaluation import METRIC_KEYS
 from dist2.modeling import build_detector
+
+from conftest import read_json, run_cli, tiny_config, write_config
 
 
 def test_train_writes_deployable_weights_metrics_and_evaluates(tmp_path, synth_root):

@@ -37,7 +37,7 @@ def synthetic_batch(data_cfg, batch: int, device):
     root = synth_root(SynthConfig())
     data = CocoDetection(root / "annotations/instances_train.json", root / "train", train_transforms(data_cfg))
     torch.manual_seed(0)
-    images, targets = to_device(*zip(*(data[i] for i in range(batch))), device)
+    images, targets = to_device(*zip(*(data[i] for i in range(batch)), strict=True), device)
     return data, images, targets
 
 

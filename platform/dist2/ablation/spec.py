@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dist2.config import (HINT, STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate)
+from dist2.config import HINT, STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
 
 METHODS = ("student", "hint", "pad", "nonlocal", "fi", "di", "dist2")  # a pair's teacher is run by itself

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from dist2.config import DataConfig, SynthConfig
-from dist2.data.coco import CocoDetection
 from dist2.data import synth
+from dist2.data.coco import CocoDetection
 from dist2.data.synth import generate
 from dist2.data.transforms import eval_transforms, train_transforms
 

@@ -109,4 +109,4 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))

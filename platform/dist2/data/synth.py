@@ -55,7 +55,8 @@ REACH = 1.06  # every shape lies within REACH * r of its centre (placement keeps
 DIFFICULTIES = {
     "easy": Difficulty(objects=(1, 4), smallest=8, max_overlap=0.0, distractors=(0, 0), occluders=(0, 0), texture=0.0,
                        category_colours=True),
-    "standard": Difficulty(objects=(2, 7), smallest=8, max_overlap=0.15, distractors=(0, 2), occluders=(0, 0), texture=0.5),
+    "standard": Difficulty(objects=(2, 7), smallest=8, max_overlap=0.15, distractors=(0, 2), occluders=(0, 0),
+                           texture=0.5),
     "hard": Difficulty(objects=(3, 12), smallest=8, max_overlap=0.4, distractors=(1, 4), occluders=(0, 1), texture=1.0),
 }
 
@@ -114,7 +115,8 @@ def _random_color(rng: np.random.Generator, avoid: np.ndarray | None = None) -> 
 
 def _background(w: int, h: int, rng: np.random.Generator, level: Difficulty) -> tuple[Image.Image, np.ndarray]:
     texture = level.texture
-    base = (np.full(3, rng.integers(70, 180)) if level.category_colours else rng.integers(40, 216, 3)).astype(np.float32)
+    grey_or_colour = np.full(3, rng.integers(70, 180)) if level.category_colours else rng.integers(40, 216, 3)
+    base = grey_or_colour.astype(np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     grad = (xx / w) * rng.uniform(-60, 60) + (yy / h) * rng.uniform(-60, 60)
     stripes = 10 * np.sin(2 * math.pi * (xx * rng.uniform(-0.08, 0.08) + yy * rng.uniform(-0.08, 0.08)))
@@ -241,9 +243,9 @@ def _write_split(out: Path, split: str, count: int, size: int, seed: int, level:
     (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
 
-def generate(out: Path, cfg: SynthConfig = SynthConfig()) -> Path:
+def generate(out: Path, cfg: SynthConfig | None = None) -> Path:
     """Write the dataset to `out` (train/, val/, annotations/instances_{train,val}.json)."""
-    out = Path(out)
+    out, cfg = Path(out), cfg or SynthConfig()
     level = DIFFICULTIES[cfg.difficulty]
     _write_split(out, "train", cfg.num_train, cfg.image_size, cfg.seed, level)
     _write_split(out, "val", cfg.num_val, cfg.image_size, cfg.seed, level)

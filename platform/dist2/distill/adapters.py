@@ -9,10 +9,11 @@ from torch import Tensor, nn
 class Adapter(nn.Module):
     def __init__(self, student_channels: list[int], teacher_channels: list[int]):
         super().__init__()
-        self.levels = nn.ModuleList(nn.Conv2d(s, t, kernel_size=1) for s, t in zip(student_channels, teacher_channels))
+        self.levels = nn.ModuleList(nn.Conv2d(s, t, kernel_size=1)
+                                    for s, t in zip(student_channels, teacher_channels, strict=True))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        return [conv(f) for conv, f in zip(self.levels, feats)]
+        return [conv(f) for conv, f in zip(self.levels, feats, strict=True)]
 
     @torch.no_grad()
     def identity_(self) -> "Adapter":

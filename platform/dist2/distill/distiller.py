@@ -83,11 +83,13 @@ class Distiller(nn.Module):
             groups.setdefault((strategy[2], level_count(strategy)), []).append(strategy)
         p_feats = {}
         for members in groups.values():
-            batched = [torch.cat(levels) for levels in zip(*(injected[s] for s in members))]
+            batched = [torch.cat(levels) for levels in zip(*(injected[s] for s in members), strict=True)]
             levels = self.teacher_rest(members[0], batched)
-            p_feats.update(zip(members, zip(*(level.chunk(len(members)) for level in levels))))
+            per_strategy = zip(*(level.chunk(len(members)) for level in levels), strict=True)
+            p_feats.update(zip(members, per_strategy, strict=True))
         order = list(injected)
-        outputs = self.teacher.head_stage([torch.cat(levels) for levels in zip(*(p_feats[s] for s in order))])
+        outputs = self.teacher.head_stage([torch.cat(levels)
+                                           for levels in zip(*(p_feats[s] for s in order), strict=True)])
         chunks = {name: value.chunk(len(order)) for name, value in outputs.items()}
         return {s: self.teacher.loss_stage(targets, {name: chunks[name][i] for name in chunks}, anchors, matched)
                 for i, s in enumerate(order)}
@@ -108,12 +110,12 @@ class Distiller(nn.Module):
             losses.update({f"loss_det/{k}": v for k, v in student.loss_stage(targets, out, anchors, matched).items()})
         if not self.strategies:
             return losses
-        t_feats = dict(zip("BN", self.teacher_features(x)))
+        t_feats = dict(zip("BN", self.teacher_features(x), strict=True))
         pairs = {}
         for strategy in self.strategies:
             n = level_count(strategy)
             source, target = s_feats[strategy[0]][:n], t_feats[strategy[2]][:n]
-            for s, t in zip(source, target):  # levels are paired by stride: same spatial size
+            for s, t in zip(source, target, strict=True):  # levels are paired by stride: same spatial size
                 if s.shape[-2:] != t.shape[-2:]:
                     raise RuntimeError(f"{strategy}: student level {tuple(s.shape)} vs teacher {tuple(t.shape)}")
             pairs[strategy] = (source, self.adapters[strategy](source), target)

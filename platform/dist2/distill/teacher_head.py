@@ -46,11 +46,11 @@ def fit_linear_probe(student: StagedDetector, teacher: StagedDetector, dataset: 
                          s.new_ones(s.shape[0] * s.shape[2] * s.shape[3], 1)], dim=1).double() for s in s_feats]
         ys = [t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double() for t in t_feats]
         g = [x.T @ x for x in xs]
-        c = [x.T @ y for x, y in zip(xs, ys)]
-        gram = g if gram is None else [a + b for a, b in zip(gram, g)]
-        cross = c if cross is None else [a + b for a, b in zip(cross, c)]
+        c = [x.T @ y for x, y in zip(xs, ys, strict=True)]
+        gram = g if gram is None else [a + b for a, b in zip(gram, g, strict=True)]
+        cross = c if cross is None else [a + b for a, b in zip(cross, c, strict=True)]
     adapter = Adapter([s.shape[1] for s in s_feats], [t.shape[1] for t in t_feats]).to(device)
-    for conv, g, c in zip(adapter.levels, gram, cross):
+    for conv, g, c in zip(adapter.levels, gram, cross, strict=True):
         ridge = 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         w = torch.linalg.solve(g + ridge, c)  # (Cs + 1) x Ct
         conv.weight.copy_(w[:-1].T[:, :, None, None].float())

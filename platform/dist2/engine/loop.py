@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dist2 import distributed
 from dist2.config import ExperimentConfig
 from dist2.data.coco import CocoDetection, collate
-from dist2 import distributed
 from dist2.engine.schedule import build_optimizer, build_scheduler
 from dist2.evaluation import evaluate
 

@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from dist2.data.coco import CocoDetection, collate
 from dist2 import distributed
+from dist2.data.coco import CocoDetection, collate
 
 # COCOeval.stats[0:6], in this order.
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
@@ -33,7 +33,8 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: (100.0 * float(v) if v >= 0 else math.nan) for k, v in zip(METRIC_KEYS, evaluator.stats[:6])}
+    stats = zip(METRIC_KEYS, evaluator.stats[:6], strict=True)
+    return {k: (100.0 * float(v) if v >= 0 else math.nan) for k, v in stats}
 
 
 @torch.no_grad()
@@ -46,10 +47,10 @@ def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batc
     results = []
     for images, targets in loader:
         detections = detect([img.to(device) for img in images])
-        for target, det in zip(targets, detections):
+        for target, det in zip(targets, detections, strict=True):
             boxes = det["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True):
                 results.append({"image_id": target["image_id"], "category_id": dataset.category_ids[label],
                                 "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
     return results

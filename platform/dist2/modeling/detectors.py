@@ -22,8 +22,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, RetinaNet
-from torchvision.models.detection import FCOS_ResNet50_FPN_Weights, RetinaNet_ResNet50_FPN_Weights
+from torchvision.models.detection import FCOS, FCOS_ResNet50_FPN_Weights, RetinaNet, RetinaNet_ResNet50_FPN_Weights
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 

@@ -74,7 +74,8 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, com
     for name in which:
         frame = BUILDERS[name](c)
         lines += [f"## {TITLES[name]}", ""]
-        lines += [frame.to_markdown(index=False, disable_numparse=True) if not frame.empty else "(no runs for this table)", ""]
+        table = frame.to_markdown(index=False, disable_numparse=True) if not frame.empty else "(no runs for this table)"
+        lines += [table, ""]
         if any(str(cell).endswith("*") for cell in frame.to_numpy().ravel()):
             lines += [f"\\* {paper.NOTES['*']}", ""]
         if name == "table3":

@@ -177,7 +177,8 @@ def table2(c: pd.DataFrame) -> pd.DataFrame:
     out = []
     for pair in _pairs(c):
         base = student_cell(c, pair)
-        out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})", "student": MISSING if base is None else fmt_cell(base),
+        out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})",
+                    "student": MISSING if base is None else fmt_cell(base),
                     **{s: _with_delta(_di_single(c, pair, s), base) for s in STRATEGIES}})
     out.append({"pair": f"paper: {paper.TABLE2_PAIR}", "student": fmt(paper.TABLE2_STUDENT),
                 **{s: f"{m:.1f} ({fmt_delta(d)})" for s, (m, d) in paper.TABLE2.items()}})

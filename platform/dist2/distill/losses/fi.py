@@ -14,7 +14,7 @@ from dist2.distill.imitation import Imitation
 
 def mean_over_elements(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """Σ over levels of Σ (a - b)² / Σ over levels of the element count."""
-    return sum(((x - y) ** 2).sum() for x, y in zip(a, b)) / sum(x.numel() for x in a)
+    return sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True)) / sum(x.numel() for x in a)
 
 
 class FeatureImitation(nn.Module):

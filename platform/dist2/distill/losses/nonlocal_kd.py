@@ -98,12 +98,13 @@ class NonLocal(nn.Module):
     def __init__(self, cfg, student_channels, teacher_channels):
         super().__init__()
         self.cfg = cfg.nonlocal_
-        self.levels = nn.ModuleList(LevelModules(t, stride) for t, stride in zip(teacher_channels, self.cfg.strides))
+        self.levels = nn.ModuleList(LevelModules(t, stride)
+                                    for t, stride in zip(teacher_channels, self.cfg.strides, strict=True))
 
     def forward(self, imitation: Imitation):
         c = self.cfg
         feat = att = rel = 0.0
-        for s, t, m in zip(imitation.injected, imitation.teacher, self.levels):
+        for s, t, m in zip(imitation.injected, imitation.teacher, self.levels, strict=True):
             spatial_mask, channel_mask = attention_masks(s, t, c.temperature)
             # (clamped: the square root's gradient is infinite at exactly zero)
             feat = feat + ((t - s) ** 2 * spatial_mask * channel_mask).sum().clamp_min(1e-12).sqrt()

@@ -19,14 +19,16 @@ class PAD(nn.Module):
     def __init__(self, cfg, student_channels, teacher_channels):
         super().__init__()
         self.weight = cfg.pad.weight
-        self.log_var = nn.ModuleList(nn.Conv2d(s, t, kernel_size=1) for s, t in zip(student_channels, teacher_channels))
+        self.log_var = nn.ModuleList(nn.Conv2d(s, t, kernel_size=1)
+                                     for s, t in zip(student_channels, teacher_channels, strict=True))
         for conv in self.log_var:  # start at sigma^2 = 1: plain L2
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
     def forward(self, imitation: Imitation):
         per_level = []
-        for branch, s, adapted, t in zip(self.log_var, imitation.student, imitation.injected, imitation.teacher):
+        levels = zip(self.log_var, imitation.student, imitation.injected, imitation.teacher, strict=True)
+        for branch, s, adapted, t in levels:
             log_var = branch(s).clamp(-LOG_VAR_LIMIT, LOG_VAR_LIMIT)
             per_level.append(((t - adapted) ** 2 * torch.exp(-log_var) + log_var).mean())
         return {"loss_pad": self.weight * sum(per_level) / len(per_level)}
