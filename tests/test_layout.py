@@ -52,3 +52,57 @@ def test_every_ablation_file_expands(monkeypatch):
         runs = grid_runs(spec, path, teachers)
         assert len({run.cfg.name for run in runs}) == len(runs)
         assert {run.params["method"] for run in runs} >= {"student", "di"}
+
+
+def _help(*words: str) -> str:
+    import contextlib
+    import io
+
+    from dist2.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main([*words, "--help"])
+    return out.getvalue()
+
+
+def _subcommands(help_text: str) -> list[str]:
+    """The {a,b,c} choices argparse lists in a usage line."""
+    import re
+
+    found = re.search(r"\{([a-z,-]+)\}", help_text)
+    return found.group(1).split(",") if found else []
+
+
+def test_every_subcommand_and_option_of_the_cli_is_in_the_readme_command_list():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    listing = readme.split("## Command line", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    lines = listing.strip().splitlines()
+    top = _help()
+    assert "-v, --verbose" in top and "--verbose" in lines[0]
+    commands = [[c] for c in _subcommands(top)]
+    commands += [[c, sub] for [c] in commands for sub in _subcommands(_help(c)) if c == "data"]
+    commands = [c for c in commands if c != ["data"]]
+    assert {" ".join(c) for c in commands} >= {"train", "distill", "ablate", "report", "eval", "data synth", "bench"}
+
+    def listed(name: str) -> str:
+        """The lines that start with `name`, and their indented continuations."""
+        mine, inside = [], False
+        for line in lines:
+            inside = line.startswith(name + " ") or (inside and line.startswith(" "))
+            if inside:
+                mine.append(line)
+        return " ".join(mine)
+
+    for words in commands:
+        name = "dist2 " + " ".join(words)
+        text = listed(name)
+        assert text, f"{name} is not in the README's command list"
+        if "[same options]" in text:  # dist2 distill: as dist2 train
+            text += listed("dist2 train")
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", _help(*words))) - {"--help"}
+        assert options or words == ["data"], name
+        missing = sorted(o for o in options if o not in text)
+        assert not missing, f"{name}: options missing from the README's command list: {missing}"

@@ -3,13 +3,14 @@ back the paper's tables and deltas exactly; seeds aggregate; unfinished runs and
 or invented; the report is logged to a summary run."""
 
 import re
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from dist2.report import paper
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 ALL = paper.ALL2ALL
 FCOS_MNV2 = ("fcos", "ResNeXt101", "MobileV2C128")
@@ -186,3 +187,25 @@ def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):
     assert result.returncode == 2
     assert re.search(r"no MLflow experiment 'nope' in sqlite:.*experiments there: .*paper", result.stderr)
     assert not (tmp_path / "results.md").exists()
+
+
+def test_report_from_an_ablation_file_uses_its_store_tables_and_folder(store, tmp_path):
+    import yaml
+
+    folder = Path(store["uri"].removeprefix("sqlite:///")).parent
+    ablation = tmp_path / "paper.yaml"
+    ablation.write_text(yaml.safe_dump({
+        "name": "paper", "output_dir": str(folder), "tables": ["table1"],
+        "pairs": [{"teacher": str(REPO / "experiments/quick_fcos_teacher.yaml"),
+                   "student": str(REPO / "experiments/quick_fcos_student.yaml")}],
+        "grid": [{"method": ["student"]}]}))
+    result = run_cli("report", ablation)
+    assert result.returncode == 0, result.stderr
+    text = (folder / "paper" / "report" / "results.md").read_text()
+    assert "## Table 1" in text and "## Table 2" not in text  # the file's tables: only
+    assert _section(text, "Table 1") == _section(store["text"], "Table 1")
+
+    neither = run_cli("report")
+    both = run_cli("report", ablation, "--experiment", "paper")
+    for bad in (neither, both):
+        assert bad.returncode == 2 and "needs an ABLATION file or --experiment NAME" in bad.stderr

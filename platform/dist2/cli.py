@@ -120,12 +120,28 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """From an ablation file: its experiment, store, tables and report folder, as `dist2 ablate` would write
+    them. Without one: --experiment and --out, all tables, the store at --tracking-uri or ./runs/mlflow.db."""
+    from dist2.ablation.spec import TABLES, load_ablation
     from dist2.report import write_report
     from dist2.tracking import resolve_tracking_uri
 
-    if args.tracking_uri is None and not Path("runs/mlflow.db").is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
-        raise UserError("no MLflow store at runs/mlflow.db (the default); pass --tracking-uri")
-    path = write_report(resolve_tracking_uri(args.tracking_uri, Path("runs")), args.experiment, args.out)
+    if (args.ablation is None) == (args.experiment is None):
+        raise UserError("dist2 report needs an ABLATION file or --experiment NAME (not both)")
+    if args.ablation is not None:
+        spec = load_ablation(args.ablation, args.overrides)
+        experiment, output_dir, tables = spec.name, spec.output_dir, spec.tables
+        out = args.out or output_dir / spec.name / "report"
+    else:
+        if args.overrides:
+            raise UserError("dist2 report: --set overrides an ABLATION file's keys; none was given")
+        if args.out is None:
+            raise UserError("dist2 report --experiment NAME needs --out DIR")
+        experiment, output_dir, tables, out = args.experiment, Path("runs").absolute(), list(TABLES), args.out
+    store = output_dir / "mlflow.db"
+    if args.tracking_uri is None and not store.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
+        raise UserError(f"no MLflow store at {store} (the default); pass --tracking-uri")
+    path = write_report(resolve_tracking_uri(args.tracking_uri, output_dir), experiment, out, tables)
     print(f"report: {path}")
     return 0
 
@@ -164,9 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="results.md in the paper's layout from an MLflow experiment's runs")
-    p.add_argument("--experiment", required=True, help="the MLflow experiment (an ablation's name)")
-    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
-    p.add_argument("--out", type=Path, required=True, help="folder for results.md and the plots")
+    p.add_argument("ablation", type=Path, nargs="?",
+                   help="an ablation YAML: report its experiment, from its store, with its tables:")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the ablation file's keys, as given to dist2 ablate (e.g. output_dir)")
+    p.add_argument("--experiment", help="instead of ABLATION: any MLflow experiment, every table")
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db "
+                   "(the ablation's output_dir, else ./runs)")
+    p.add_argument("--out", type=Path, help="folder for results.md and the plots (default with ABLATION: "
+                   "<output_dir>/<name>/report, where dist2 ablate writes it)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")

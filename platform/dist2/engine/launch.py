@@ -105,7 +105,9 @@ def _worker(job: dict) -> dict | None:
     cfg = ExperimentConfig.model_validate(job["cfg"])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    device = ray.train.torch.get_device() if on_ray and job["use_gpu"] else resolve_device(cfg.train.device)
+    # ray.use_gpu: false (--no-gpu) keeps an in-process run on the CPU too, whatever train.device says.
+    wanted = "cpu" if cfg.ray.use_gpu is False else cfg.train.device
+    device = ray.train.torch.get_device() if on_ray and job["use_gpu"] else resolve_device(wanted)
     rank = distributed.rank()
     logger = tracking.EpochLogger(job["tracking_uri"], job["run_id"]) if rank == 0 else None
     placements = distributed.gather([_placement()])
