@@ -106,11 +106,13 @@ def test_labels_crowd_clipping_zero_area_and_empty_images(tmp_path, caplog):
         _ann(3, 10, 5, [1, 1, 30, 30], crowd=1),  # crowd: not a training target
         _ann(4, 10, 5, [3, 3, 0, 8]),  # zero width: dropped and counted
         _ann(5, 10, 5, [60, 3, 5, 5]),  # entirely outside the image: no area after clipping
+        _ann(6, 10, 5, [20, 20, -5, 5]),  # negative width: dropped
+        _ann(7, 10, 5, [20, 20, float("nan"), 5]),  # NaN (JSON's NaN, as json.dumps writes it): dropped
     ])
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(path, tmp_path / "img")
-    assert ds.num_dropped_boxes == 2
-    assert "dropped 2 zero-area box(es)" in caplog.text and "instances.json" in caplog.text
+    assert ds.num_dropped_boxes == 4
+    assert "dropped 4 invalid (zero-area, negative or NaN) box(es)" in caplog.text and "instances.json" in caplog.text
     assert ds.category_ids == [5, 42, 90]  # label i <-> category_ids[i]
     image, target = ds[0]
     assert image.shape == (3, 40, 50)

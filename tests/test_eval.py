@@ -65,3 +65,46 @@ def test_cli_eval_bad_predictions(tmp_path, synth_root, content, message):
     assert result.returncode == 2
     assert f"{preds}: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+def _broken(ann: dict, case: str) -> str:
+    """`ann` (a COCO instances dict) broken one way; returns the message the CLI must print."""
+    first, second = ann["annotations"][0], ann["annotations"][1]
+    if case == "bbox of three":
+        first["bbox"] = first["bbox"][:3]
+        return f"annotation id {first['id']}: bbox must be four numbers [x, y, width, height]"
+    if case == "bbox of text":
+        first["bbox"] = [1, 2, "3", 4]
+        return f"annotation id {first['id']}: bbox must be four numbers"
+    if case == "unknown image":
+        first["image_id"] = 99999
+        return f"annotation id {first['id']}: image_id 99999 is not in images"
+    if case == "area of text":
+        first["area"] = "big"
+        return f"annotation id {first['id']}: area must be a number (got 'big')"
+    if case == "iscrowd of text":
+        first["iscrowd"] = "no"
+        return f"annotation id {first['id']}: iscrowd must be 0 or 1 (got 'no')"
+    if case == "duplicate annotation id":
+        second["id"] = first["id"]
+        return f"annotation id {first['id']} appears more than once in annotations"
+    assert case == "duplicate image id"
+    ann["images"][1]["id"] = ann["images"][0]["id"]
+    return f"image id {ann['images'][0]['id']} appears more than once in images"
+
+
+@pytest.mark.parametrize("case", ["bbox of three", "bbox of text", "unknown image", "area of text",
+                                  "iscrowd of text", "duplicate annotation id", "duplicate image id"])
+def test_cli_eval_malformed_annotations(tmp_path, synth_root, case):
+    source = synth_root / "annotations/instances_val.json"
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps(_gt_as_results(source)))
+    ann = json.loads(source.read_text())
+    message = _broken(ann, case)
+    bad = tmp_path / "instances.json"
+    bad.write_text(json.dumps(ann))
+    result = run_cli("eval", "--annotations", bad, "--predictions", preds, "--json", tmp_path / "m.json")
+    assert result.returncode == 2, result.stderr
+    assert f"{bad}: {message}" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json").exists()

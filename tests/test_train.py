@@ -129,3 +129,25 @@ def test_trainings_started_together_on_a_fresh_sqlite_store_all_finish(tmp_path,
     (experiment,) = [e for e in client.search_experiments() if e.name == "dist2"]
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == names and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_training_on_a_malformed_annotation_file_exits_2_and_leaves_nothing(tmp_path, synth_root):
+    import json
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    ann_file = root / "annotations/instances_train.json"
+    ann = json.loads(ann_file.read_text())
+    ann["annotations"][0]["bbox"] = [1, 2, 3]
+    ann_file.write_text(json.dumps(ann))
+    cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root, data={"root": str(root)}))
+    result = run_cli("train", cfg_path)
+    assert result.returncode == 2
+    assert (f"{ann_file}: annotation id {ann['annotations'][0]['id']}: bbox must be four numbers" in result.stderr
+            and "Traceback" not in result.stderr)
+    assert not (tmp_path / "runs" / "tiny").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []

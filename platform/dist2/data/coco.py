@@ -2,8 +2,9 @@
 
 Labels are contiguous (0..K-1) for training; `category_ids[label]` maps them back to the dataset's own
 (possibly gapped) category ids for evaluation. Crowd annotations are left out of training targets (COCOeval
-still uses them, as ignore regions); boxes are clipped to the image; boxes with no area are dropped and
-counted in one warning per annotation file.
+still uses them, as ignore regions); boxes are clipped to the image; boxes with no area (zero or negative size,
+NaN) are dropped and counted in one warning per annotation file. A malformed file (a bbox that is not four
+numbers, an annotation of an unknown image, duplicate ids...) is a UserError naming the annotation.
 """
 
 from __future__ import annotations
@@ -34,6 +35,47 @@ def read_json(path: Path, what: str):
         raise UserError(f"{path}: not a readable JSON file ({exc})") from None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _first_duplicate(ids: list) -> object | None:
+    seen = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+def check_instances(ann_file: Path, data: dict) -> None:
+    """What pycocotools and the loader rely on, checked up front: a UserError naming the file and the offending
+    image or annotation id. Boxes that are only degenerate (no area, NaN) are not errors: they are dropped."""
+    images = data["images"]
+    if any(not isinstance(img, dict) or "id" not in img for img in images):
+        raise UserError(f"{ann_file}: every entry of images needs an id")
+    duplicate = _first_duplicate([img["id"] for img in images])
+    if duplicate is not None:
+        raise UserError(f"{ann_file}: image id {duplicate!r} appears more than once in images")
+    if any(not isinstance(ann, dict) or "id" not in ann for ann in data["annotations"]):
+        raise UserError(f"{ann_file}: every entry of annotations needs an id")
+    duplicate = _first_duplicate([ann["id"] for ann in data["annotations"]])
+    if duplicate is not None:
+        raise UserError(f"{ann_file}: annotation id {duplicate!r} appears more than once in annotations")
+    image_ids = {img["id"] for img in images}
+    for ann in data["annotations"]:
+        where = f"{ann_file}: annotation id {ann['id']!r}"
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise UserError(f"{where}: bbox must be four numbers [x, y, width, height] (got {bbox!r})")
+        if ann.get("image_id") not in image_ids:
+            raise UserError(f"{where}: image_id {ann.get('image_id')!r} is not in images")
+        if "area" in ann and not _is_number(ann["area"]):
+            raise UserError(f"{where}: area must be a number (got {ann['area']!r})")
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+            raise UserError(f"{where}: iscrowd must be 0 or 1 (got {ann['iscrowd']!r})")
+
+
 def load_coco(ann_file: Path) -> COCO:
     """Load an annotation file, turning every way it can be broken into a UserError naming it."""
     ann_file = Path(ann_file)
@@ -41,6 +83,7 @@ def load_coco(ann_file: Path) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise UserError(f"{ann_file}: not a COCO instances file (missing {', '.join(missing)})")
+    check_instances(ann_file, data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -68,7 +111,8 @@ class CocoDetection(torch.utils.data.Dataset):
                             f"e.g. {self.image_dir / missing[0]}")
         self.num_dropped_boxes = sum(1 for i in self.ids for _ in self._boxes(i, count_only_dropped=True))
         if self.num_dropped_boxes:
-            log.warning("%s: dropped %d zero-area box(es)", self.ann_file, self.num_dropped_boxes)
+            log.warning("%s: dropped %d invalid (zero-area, negative or NaN) box(es)", self.ann_file,
+                        self.num_dropped_boxes)
 
     def __len__(self) -> int:
         return len(self.ids)
