@@ -4,13 +4,14 @@ import itertools
 import pytest
 import torch
 
-from dist2.config import STRATEGIES, DataConfig, DistillConfig, ModelConfig, NonLocalConfig
+from dist2.config import DataConfig, DistillConfig, ModelConfig, NonLocalConfig
 from dist2.data.build import build_datasets
 from dist2.distill.distiller import Distiller
 from dist2.distill.imitation import Imitation, level_count
 from dist2.distill.losses import LOSSES
 from dist2.distill.teacher_head import fit_linear_probe, teacher_head_map
 from dist2.evaluation import evaluate
+from dist2.methods import STRATEGIES
 from dist2.modeling import build_detector
 
 from conftest import distill_config, read_json, run_cli, tiny_config, write_config
@@ -343,3 +344,53 @@ def test_nonlocal_blocks_pool_keys_and_start_as_the_identity(stride, inner):
     keys = block._pool(block.phi(x)).flatten(2)
     assert keys.shape[1:] == (inner, 16 * 24 // stride**2)  # (HW)² / stride² attention entries
     assert block._pool(torch.randn(1, 4, 1, 1)).shape[-1] == 1  # a 1x1 level is not pooled
+
+
+def test_a_method_registered_in_one_line_is_accepted_run_expanded_and_reported(data, tmp_path, monkeypatch):
+    """The vocabulary claim: a new method is one `METHODS` line. A toy method combining FI and PAD is validated
+    by the config, built and run by the Distiller, expanded by an ablation grid (its λ_feat axis) and placed in
+    the report after the registered methods."""
+    import pandas as pd
+    import yaml
+    from pydantic import ValidationError
+
+    from dist2.ablation.spec import SCHEMA, grid_runs, load_ablation, teacher_runs
+    from dist2.methods import METHODS, Method
+    from dist2.report import METRICS, render
+
+    from conftest import REPO
+
+    monkeypatch.setitem(METHODS, "toy", Method(("fi", "pad"), "+ Toy", lambda_feat=True))
+    assert DistillConfig(method="toy", strategies=["B2B"]).resolved_strategies == ["B2B"]
+    with pytest.raises(ValidationError, match="unknown method 'nope'; choose one of: .*toy"):
+        DistillConfig(method="nope")
+
+    train, _, images, targets = data
+    terms = _terms(train.categories, images, targets, method="toy", strategies=["B2B"])
+    assert {name.split("/")[0] for name in terms if name.startswith("loss_")} >= {"loss_fi", "loss_pad"}
+
+    ablation = tmp_path / "toy.yaml"
+    ablation.write_text(yaml.safe_dump({
+        "name": "toy", "output_dir": str(tmp_path / "runs"),
+        "pairs": [{"teacher": str(REPO / "experiments/quick_fcos_teacher.yaml"),
+                   "student": str(REPO / "experiments/quick_fcos_student.yaml")}],
+        "grid": [{"method": ["toy"], "strategies": [["B2B"]], "lambda_feat": [0.5, 2.0], "seed": [0, 1]},
+                 {"method": ["student"], "seed": [0, 1]}]}))
+    spec = load_ablation(ablation)
+    runs = grid_runs(spec, ablation, teacher_runs(spec, ablation))
+    toy = [r for r in runs if r.params["method"] == "toy"]
+    assert sorted((r.params["lambda_feat"], r.params["lambda_di"], r.params["seed"]) for r in toy) == [
+        ("0.5", "", "0"), ("0.5", "", "1"), ("2.0", "", "0"), ("2.0", "", "1")]
+    assert {r.cfg.distill.method for r in toy} == {"toy"} and {r.cfg.distill.lambda_feat for r in toy} == {0.5, 2.0}
+
+    # The report of these runs (their MLflow params, a made-up mAP each): the toy at λ_feat = 1 is Table 1's row.
+    finished = [{**{k: r.params.get(k, "") for k in SCHEMA}, "mAP": 20.0 + i} for i, r in enumerate(runs)]
+    finished += [{**finished[0], "lambda_feat": "1.0", "seed": str(s), "mAP": m} for s, m in ((0, 30.0), (1, 31.0))]
+    frame = pd.DataFrame(finished).reindex(columns=[*SCHEMA, *METRICS, "machine"])  # as load_runs returns it
+    text = render(frame, ["table1", "lambda_di"], tmp_path, "toy")
+    rows = [line for line in text.split("## Table 1", 1)[1].splitlines() if line.startswith("|")]
+    toy_row = next(line for line in rows if "+ Toy" in line)
+    # λ_feat = 1: 30 and 31 against the student's 24 and 25 (its seeds' made-up mAPs)
+    assert [cell.strip() for cell in toy_row.strip("|").split("|")][2:7] == ["+ Toy", "B2B", "30.5 ± 0.7", "+6.0 ✓",
+                                                                            "2"]
+    assert rows.index(toy_row) > max(i for i, line in enumerate(rows) if "+ Dist2" in line)  # after the registered

@@ -25,16 +25,18 @@ import torch
 from tabulate import tabulate
 
 from dist2.bench import synthetic_batch
-from dist2.config import STRATEGIES, DistillConfig, load_config
+from dist2.config import DistillConfig, load_config
 from dist2.distill.distiller import Distiller
 from dist2.distill.imitation import level_count
 from dist2.engine.loop import resolve_device
+from dist2.methods import ALL2ALL, HINT, STRATEGIES
 from dist2.modeling.detectors import build_architecture
 
-METHODS = {"student": ("student", ["N2N"]), "FI N2N": ("fi", ["N2N"]), "DI N2N": ("di", ["N2N"]),
-           "Dist2 All2All": ("dist2", ["All2All"])}
-PAPER_METHODS = {"Hint = FI N2N": ("fi", ["N2N"]), "PAD": ("pad", ["N2N"]), "NonLocal": ("nonlocal", ["N2N"]),
-                 "DI N2N": ("di", ["N2N"]), "Dist2 All2All": ("dist2", ["All2All"])}
+# The step kinds timed: a label -> (distill.method, distill.strategies).
+STEPS = {"student": ("student", ["N2N"]), "FI N2N": ("fi", ["N2N"]), "DI N2N": ("di", ["N2N"]),
+         "Dist2 All2All": ("dist2", [ALL2ALL])}
+PAPER_STEPS = {"Hint = FI N2N": HINT, "PAD": ("pad", ["N2N"]), "NonLocal": ("nonlocal", ["N2N"]),
+               "DI N2N": ("di", ["N2N"]), "Dist2 All2All": ("dist2", [ALL2ALL])}
 PAPER_INPUT = (800, 1333)
 
 
@@ -79,9 +81,9 @@ def _training_step(student, teacher, method: str, strategies: list[str], images,
 def _kinds(cfg, device, images, targets, student, teacher):
     """name -> a function running one step of that kind."""
     kinds = {f"step: {name}": _training_step(student, teacher, method, strategies, images, targets, device)
-             for name, (method, strategies) in METHODS.items()}
+             for name, (method, strategies) in STEPS.items()}
 
-    probe = Distiller(student, teacher, DistillConfig(method="di", strategies=["All2All"])).to(device)
+    probe = Distiller(student, teacher, DistillConfig(method="di", strategies=[ALL2ALL])).to(device)
     image_list, prepared, _ = student.preprocess(images, targets)
     x = image_list.tensors
 
@@ -181,7 +183,7 @@ def bench_distill_memory(path: Path) -> dict[str, float]:
     """Peak memory of one paper-scale training step per method, each in a fresh process; returns MB by method."""
     rows = []
     ctx = multiprocessing.get_context("spawn")
-    for name, (method, strategies) in PAPER_METHODS.items():
+    for name, (method, strategies) in PAPER_STEPS.items():
         queue = ctx.Queue()
         child = ctx.Process(target=_paper_memory_in_child, args=(path, method, strategies, queue))
         child.start()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist2.errors import UserError
+from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_strategies
 
 
 class _Strict(BaseModel):
@@ -139,13 +140,6 @@ class RayConfig(_Strict):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
 
 
-STRATEGIES = ("N2N", "B2B", "B2N", "N2B")  # X2Y: the student's X stands in for the teacher's Y (PAPER.md)
-BASELINES = ("pad", "nonlocal")  # defined at N2N only
-# Hint (Chen et al., NeurIPS 2017: an adaptation layer and L2 to the teacher's feature) is, read at N2N, exactly
-# FI at N2N: `hint` is accepted as a name for that one experiment and runs as method fi, strategies [N2N].
-HINT = ("fi", ["N2N"])
-
-
 class TeacherConfig(_Strict):
     config: Path  # the teacher's experiment YAML: its model section builds the teacher
     checkpoint: Path  # the teacher's model.pth
@@ -171,8 +165,8 @@ class NonLocalConfig(_Strict):
 class DistillConfig(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    method: Literal["student", "hint", "pad", "nonlocal", "fi", "di", "dist2"] = "dist2"
-    strategies: list[Literal["N2N", "B2B", "B2N", "N2B", "All2All"]] = Field(default_factory=lambda: ["N2N"])
+    method: str = "dist2"  # a name in dist2.methods (METHODS, or the alias hint)
+    strategies: list[Literal[STRATEGIES + (ALL2ALL,)]] = Field(default_factory=lambda: ["N2N"])
     lambda_di: float = Field(1.0, ge=0.0)
     lambda_feat: float = Field(1.0, ge=0.0)
     student_loss: bool = True  # the student's own detection loss L_det (off: distillation terms alone)
@@ -182,27 +176,34 @@ class DistillConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _hint_is_fi_at_n2n(cls, data):
-        if isinstance(data, dict) and data.get("method") == "hint":
-            if list(data.get("strategies", ["N2N"])) != ["N2N"]:
-                raise ValueError("distill.strategies: the hint baseline (Hint = FI at N2N) is defined at N2N only")
-            data = {**data, "method": HINT[0], "strategies": HINT[1]}
+        if isinstance(data, dict) and data.get("method") in ALIASES:
+            method, strategies = ALIASES[data["method"]]
+            if list(data.get("strategies", strategies)) != strategies:
+                name, at = data["method"], ", ".join(strategies)
+                raise ValueError(f"distill.strategies: the {name} baseline ({name.capitalize()} = {method.upper()} "
+                                 f"at {at}) is defined at {at} only")
+            data = {**data, "method": method, "strategies": strategies}
         return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        return check_method(name)
 
     @model_validator(mode="after")
     def _strategies_fit_method(self) -> "DistillConfig":
         if not self.strategies:
-            raise ValueError("distill.strategies: list at least one of N2N, B2B, B2N, N2B (or All2All)")
+            raise ValueError(f"distill.strategies: list at least one of {', '.join(STRATEGIES)} (or {ALL2ALL})")
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"distill.strategies: {self.strategies} lists a strategy twice")
-        if self.method in BASELINES and self.resolved_strategies != ["N2N"]:
+        if METHODS[self.method].n2n_only and self.resolved_strategies != ["N2N"]:
             raise ValueError(f"distill.strategies: the {self.method} baseline is defined at N2N only")
         return self
 
     @property
     def resolved_strategies(self) -> list[str]:
         """The strategies in canonical order, All2All expanded to all four."""
-        chosen = set(STRATEGIES) if "All2All" in self.strategies else set(self.strategies)
-        return [s for s in STRATEGIES if s in chosen]
+        return resolve_strategies(self.strategies)
 
 
 class ExperimentConfig(_Strict):

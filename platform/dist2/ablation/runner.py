@@ -34,6 +34,7 @@ from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, t
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import close_finished, finished_run, launch, start_ray
 from dist2.errors import RunFailed, UserError, WaitedTooLong
+from dist2.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,11 @@ def _widen(teachers: list[Run], footprint: Footprint) -> tuple[list[Run], Footpr
 
 def _longest_first(runs: list[Run]) -> list[Run]:
     """Trials in order of their expected cost (LPT scheduling): the short ones go last and fill the slots the
-    long ones leave, instead of a long trial running alone at the end. Cost: the student's step, plus the
-    teacher's forward for any distillation, plus one pass through the teacher's remaining layers per DI strategy."""
+    long ones leave, instead of a long trial running alone at the end (costs: `Method.trial_cost`; a teacher
+    trains like a student)."""
     def cost(run: Run) -> float:
-        method, k = run.params["method"], int(run.params["num_strategies"])
-        return 1.0 + (method not in ("student", "teacher")) * 0.5 + (method in ("di", "dist2")) * 0.4 * k
+        method = METHODS.get(run.params["method"], METHODS["student"])
+        return method.trial_cost(int(run.params["num_strategies"]))
     return sorted(runs, key=cost, reverse=True)
 
 

@@ -21,12 +21,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dist2.config import HINT, STRATEGIES, ExperimentConfig, _Strict, apply_overrides, read_yaml, validate
+from dist2.config import ExperimentConfig, _Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
+from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, TEACHER, check_method, resolve_strategies
 
-METHODS = ("student", "hint", "pad", "nonlocal", "fi", "di", "dist2")  # a pair's teacher is run by itself
-USES_LAMBDA_DI = {"di", "dist2"}
-USES_LAMBDA_FEAT = {"fi", "dist2"}
 TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head")
 SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
           "seed")
@@ -43,13 +41,18 @@ class Pair(_Strict):
 class GridEntry(_Strict):
     """One cross product of axes. Axes left out take the file's defaults."""
 
-    method: list[Literal[METHODS]] = Field(min_length=1)
+    method: list[str] = Field(min_length=1)  # names in dist2.methods (a pair's teacher is run by itself)
     # Explicit strategy lists (e.g. [[N2N], [B2B, N2N], [All2All]]) or "the first k of N2N, B2B, B2N, N2B".
-    strategies: Optional[list[list[Literal[STRATEGIES + ("All2All",)]]]] = None
+    strategies: Optional[list[list[Literal[STRATEGIES + (ALL2ALL,)]]]] = None
     num_strategies: Optional[list[int]] = None
     lambda_di: Optional[list[float]] = None
     lambda_feat: Optional[list[float]] = None
     seed: Optional[list[int]] = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        return [check_method(name) for name in names]
 
     @model_validator(mode="after")
     def _one_way_to_pick_strategies(self) -> "GridEntry":
@@ -164,7 +167,7 @@ def teacher_runs(spec: AblationConfig, source: Path) -> list[Run]:
         cfg = cfg.model_copy(update={"name": f"{cfg.name}-{key}", "output_dir": spec.output_dir / "teachers",
                                      "ray": cfg.ray.model_validate(_ray_section(spec.resources))})
         runs[key] = Run(cfg, "train", {"detector": cfg.model.detector, "teacher": _label(pair, "teacher"),
-                                       "student": "", "method": "teacher", "strategies": "",
+                                       "student": "", "method": TEACHER, "strategies": "",
                                        "num_strategies": "0", "lambda_di": "", "lambda_feat": "",
                                        "seed": str(cfg.seed)})
     return list(runs.values())
@@ -182,23 +185,24 @@ def _cells(spec: AblationConfig, entry: GridEntry, source: Path):
     axes = (entry.method, strategy_lists, entry.lambda_di or spec.lambda_di, entry.lambda_feat or spec.lambda_feat,
             entry.seed or spec.seed)
     for method, strategies, lambda_di, lambda_feat, seed in itertools.product(*axes):
-        chosen = set(STRATEGIES) if "All2All" in strategies else set(strategies)
-        if method == "hint":  # Hint = FI at N2N: one experiment, one cell, whichever name the grid uses
-            if chosen != set(HINT[1]):
-                raise UserError(f"{source}: grid: method hint (= FI at N2N) is defined at N2N only, not "
-                                f"{sorted(chosen)}")
-            method = HINT[0]
-        if method == "student":
-            chosen = set()
+        chosen = resolve_strategies(strategies)
+        if method in ALIASES:  # e.g. Hint = FI at N2N: one experiment, one cell, whichever name the grid uses
+            name, (method, defined_at) = method, ALIASES[method]
+            if chosen != defined_at:
+                raise UserError(f"{source}: grid: method {name} (= {method} at {', '.join(defined_at)}) is defined "
+                                f"at {', '.join(defined_at)} only, not {chosen}")
+        entry = METHODS[method]
+        if not entry.losses:  # the student baseline: no strategy
+            chosen = []
         yield {"method": method, "strategies": ",".join(sorted(chosen)), "num_strategies": str(len(chosen)),
-               "lambda_di": str(float(lambda_di)) if method in USES_LAMBDA_DI else "",
-               "lambda_feat": str(float(lambda_feat)) if method in USES_LAMBDA_FEAT else "", "seed": str(seed)}
+               "lambda_di": str(float(lambda_di)) if entry.lambda_di else "",
+               "lambda_feat": str(float(lambda_feat)) if entry.lambda_feat else "", "seed": str(seed)}
 
 
 def _skipped(params: dict[str, str], skip: list[dict]) -> bool:
     def same(key, want):
         if key == "strategies" and isinstance(want, list):
-            want = ",".join(sorted(set(STRATEGIES) if "All2All" in want else want))
+            want = ",".join(sorted(resolve_strategies(want)))
         return params[key] == (str(float(want)) if key.startswith("lambda") else str(want))
 
     return any(all(same(k, v) for k, v in entry.items()) for entry in skip)
@@ -208,7 +212,7 @@ def _run_name(teacher: Run, student_name: str, cell: dict) -> str:
     """e.g. quick_fcos_teacher-quick_fcos_student-di-B2B_N2N-ldi1.0-s0 (the teacher's name without its hash)."""
     parts = [teacher.cfg.name.rsplit("-", 1)[0], student_name, cell["method"]]
     if cell["num_strategies"] == str(len(STRATEGIES)):
-        parts.append("All2All")
+        parts.append(ALL2ALL)
     elif cell["strategies"]:
         parts.append(cell["strategies"].replace(",", "_"))
     if cell["lambda_di"]:

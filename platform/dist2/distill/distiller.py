@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from dist2.config import DistillConfig
 from dist2.distill.adapters import Adapter
 from dist2.distill.imitation import Imitation, level_count
-from dist2.distill.losses import LOSSES, METHOD_LOSSES
+from dist2.distill.losses import LOSSES
+from dist2.methods import METHODS
 from dist2.modeling.detectors import StagedDetector
 
 
@@ -42,7 +43,7 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.student = student
         object.__setattr__(self, "teacher", freeze(teacher))  # deliberately not a submodule
-        names = METHOD_LOSSES[cfg.method]
+        names = METHODS[cfg.method].losses
         self.strategies = cfg.resolved_strategies if names else []
         self.needs_teacher_loss = any(getattr(LOSSES[name], "needs_teacher_loss", False) for name in names)
         self.adapters = nn.ModuleDict()

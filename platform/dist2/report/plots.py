@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dist2.config import STRATEGIES  # noqa: E402
+from dist2.methods import STRATEGIES  # noqa: E402
 from dist2.report import paper, tables  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def _legend_beside(fig, ax) -> None:
 
 def lambda_plot(c: pd.DataFrame, path: Path) -> bool:
     """mAP against λ_DI, one line per (pair, method, strategies), error bars = sample std over seeds."""
-    di = c[c["method"].isin(["di", "dist2"])]
+    di = c[c["method"].isin(tables.di_methods())]
     if di["lambda_di"].nunique() < 2:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -41,11 +41,11 @@ def lambda_plot(c: pd.DataFrame, path: Path) -> bool:
 def strategy_plot(c: pd.DataFrame, path: Path) -> bool:
     """Δ mAP over the student for each single strategy with DI: ours (one bar per pair, error bar = the pooled
     seed std of the cell and its baseline; none with one seed) beside the paper's."""
-    ref = tables._at_reference(c)
+    ref = tables.at_reference(c)
     bars, errors = {}, {}
-    for pair in tables._pairs(ref):
+    for pair in tables.pairs(ref):
         base = tables.student_cell(ref, pair)
-        rows = [tables._di_single(ref, pair, s) for s in STRATEGIES]
+        rows = [tables.di_single(ref, pair, s) for s in STRATEGIES]
         if base is None or all(r is None for r in rows):
             continue
         label = f"{pair[1]} → {pair[2]}"

@@ -11,14 +11,22 @@ import math
 
 import pandas as pd
 
-from dist2.config import STRATEGIES
+from dist2.methods import ALL2ALL, HINT, HINT_ROW, METHODS, STRATEGIES, TEACHER, TEACHER_ROW
 from dist2.report import paper
 
 PAIR = ["detector", "teacher", "student"]
 CELL = PAIR + ["method", "strategies", "lambda_di", "lambda_feat"]
 MISSING = "–"
-METHOD_ROWS = {"teacher": "(teacher)", "student": "(student)", "hint": "+ Hint = FI (N2N)", "pad": "+ PAD",
-               "nonlocal": "+ NonLocal", "fi": "+ FI", "di": "+ DI", "dist2": "+ Dist2"}
+def method_rows() -> dict[str, str]:
+    """Row labels in the report's order: the teacher, the student, Hint (FI at N2N), then the methods as
+    registered (read at report time: a method registered later is placed too)."""
+    return {TEACHER: TEACHER_ROW, "student": METHODS["student"].row, "hint": HINT_ROW,
+            **{name: method.row for name, method in METHODS.items()}}
+
+
+def di_methods() -> list[str]:
+    """The methods weighted by λ_DI: the cells of the λ_DI table."""
+    return [name for name, method in METHODS.items() if method.lambda_di]
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
@@ -39,7 +47,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     # (teacher, student, baselines, DI, Dist2), the number of strategies, the strategies, λ.
     pair_order = {pair: i for i, pair in enumerate(dict.fromkeys(out[PAIR].apply(tuple, axis=1)))}
     order = pd.DataFrame({"pair": out[PAIR].apply(tuple, axis=1).map(pair_order),
-                          "method": out["method"].map(list(METHOD_ROWS).index),
+                          "method": out["method"].map(list(method_rows()).index),
                           "k": out["strategies"].str.count(",") + (out["strategies"] != ""),
                           "strategies": out["strategies"].map(
                               lambda s: tuple(sorted(STRATEGIES.index(x) for x in s.split(",") if x))),
@@ -48,7 +56,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     return out.loc[order.sort_values(list(order.columns), kind="stable").index].reset_index(drop=True)
 
 
-def _at_reference(c: pd.DataFrame) -> pd.DataFrame:
+def at_reference(c: pd.DataFrame) -> pd.DataFrame:
     return c[c["lambda_di"].isin(REFERENCE_LAMBDA) & c["lambda_feat"].isin(REFERENCE_LAMBDA)]
 
 
@@ -104,7 +112,7 @@ def show_strategies(strategies: str) -> str:
     if not strategies:
         return MISSING
     chosen = strategies.split(",")
-    return "All2All" if len(chosen) == len(STRATEGIES) else ", ".join(s for s in STRATEGIES if s in chosen)
+    return ALL2ALL if len(chosen) == len(STRATEGIES) else ", ".join(s for s in STRATEGIES if s in chosen)
 
 
 def student_cell(c: pd.DataFrame, pair: tuple) -> pd.Series | None:
@@ -113,46 +121,48 @@ def student_cell(c: pd.DataFrame, pair: tuple) -> pd.Series | None:
     return rows.iloc[0] if len(rows) else None
 
 
-def _pairs(c: pd.DataFrame) -> list[tuple]:
+def pairs(c: pd.DataFrame) -> list[tuple]:
     """The (detector, teacher, student) pairs that have student runs, in the order they appear."""
-    rows = c[c["method"] != "teacher"]
+    rows = c[c["method"] != TEACHER]
     return list(dict.fromkeys(rows[PAIR].apply(tuple, axis=1)))
 
 
 def _teacher_row(c: pd.DataFrame, detector: str, teacher: str):
-    rows = c[(c["detector"] == detector) & (c["teacher"] == teacher) & (c["method"] == "teacher")]
+    rows = c[(c["detector"] == detector) & (c["teacher"] == teacher) & (c["method"] == TEACHER)]
     return rows.iloc[0] if len(rows) else None
 
 
 def table1(c: pd.DataFrame) -> pd.DataFrame:
     """Per detector and pair: teacher, student and each method with its strategy; ours beside the paper's."""
-    c = _at_reference(c)
+    c = at_reference(c)
     out = []
-    for pair in _pairs(c):
+    for pair in pairs(c):
         detector, teacher, student = pair
         base = student_cell(c, pair)
         ours = {}
         t = _teacher_row(c, detector, teacher)
         if t is not None:
-            ours[("teacher", "")] = t
+            ours[(TEACHER, "")] = t
         mine = c[(c[PAIR].apply(tuple, axis=1) == pair)]
         for _, row in mine.iterrows():
             key = (row["method"], row["strategies"])
-            ours[("hint", "N2N") if key == ("fi", "N2N") else key] = row  # one experiment: the Hint row
+            hint = key == (HINT[0], ",".join(HINT[1]))
+            ours[("hint", "N2N") if hint else key] = row  # one experiment: the Hint row
         published = [k[1:] for k in paper.TABLE1 if k[0] == detector]
         keys = list(dict.fromkeys([k for k in published] + list(ours)))
-        keys.sort(key=lambda k: list(METHOD_ROWS).index(k[0]))
+        rows = method_rows()
+        keys.sort(key=lambda k: list(rows).index(k[0]))
         for method, strategies in keys:
             row = ours.get((method, strategies))
             mean = None if row is None else row["mAP"]
             p_map, p_delta, note = paper.TABLE1.get((detector, method, strategies), (None, None, ""))
-            label = {"teacher": teacher, "student": student}.get(method, "")
+            label = {TEACHER: teacher, "student": student}.get(method, "")
             out.append({
                 "detector": detector, "teacher → student": f"{teacher} → {student}",
-                "row": f"{label} {METHOD_ROWS[method]}".strip(), "strategy": show_strategies(strategies),
+                "row": f"{label} {rows[method]}".strip(), "strategy": show_strategies(strategies),
                 "mAP": fmt(mean, None if row is None else row["std"]),
                 "Δ": marked_delta(row, base) if row is not None and base is not None
-                and method not in ("teacher", "student") else "",
+                and method not in (TEACHER, "student") else "",
                 "seeds": "" if row is None else int(row["n"]),
                 f"paper mAP ({paper.TABLE1_PAIR})": MISSING if p_map is None else f"{p_map:.1f}{note}",
                 "paper Δ": "" if p_delta is None else fmt_delta(p_delta),
@@ -160,7 +170,7 @@ def table1(c: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _di_single(c: pd.DataFrame, pair: tuple, strategies: str):
+def di_single(c: pd.DataFrame, pair: tuple, strategies: str):
     rows = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "di") & (c["strategies"] == strategies)]
     return rows.iloc[0] if len(rows) else None
 
@@ -173,13 +183,13 @@ def _with_delta(row, base) -> str:
 
 def table2(c: pd.DataFrame) -> pd.DataFrame:
     """One imitation strategy at a time with DI: mAP (Δ) per strategy, a row per pair, the paper's row last."""
-    c = _at_reference(c)
+    c = at_reference(c)
     out = []
-    for pair in _pairs(c):
+    for pair in pairs(c):
         base = student_cell(c, pair)
         out.append({"pair": f"{pair[1]} → {pair[2]} ({pair[0]})",
                     "student": MISSING if base is None else fmt_cell(base),
-                    **{s: _with_delta(_di_single(c, pair, s), base) for s in STRATEGIES}})
+                    **{s: _with_delta(di_single(c, pair, s), base) for s in STRATEGIES}})
     out.append({"pair": f"paper: {paper.TABLE2_PAIR}", "student": fmt(paper.TABLE2_STUDENT),
                 **{s: f"{m:.1f} ({fmt_delta(d)})" for s, (m, d) in paper.TABLE2.items()}})
     return pd.DataFrame(out)
@@ -188,9 +198,9 @@ def table2(c: pd.DataFrame) -> pd.DataFrame:
 def table3(c: pd.DataFrame) -> pd.DataFrame:
     """Number of strategies used together with DI (the first k of N2N, B2B, B2N, N2B; other subsets of two or
     more get a row of their own), the paper's row (as transcribed) last."""
-    c = _at_reference(c)
+    c = at_reference(c)
     out = []
-    for pair in _pairs(c):
+    for pair in pairs(c):
         base = student_cell(c, pair)
         mine = c[(c[PAIR].apply(tuple, axis=1) == pair) & (c["method"] == "di")]
         rows: dict[str, dict] = {}
@@ -211,7 +221,7 @@ def table3(c: pd.DataFrame) -> pd.DataFrame:
 
 def lambda_table(c: pd.DataFrame) -> pd.DataFrame:
     """mAP of each DI cell (di, dist2) against λ_DI; the paper publishes no λ sweep."""
-    di = c[c["method"].isin(["di", "dist2"])]
+    di = c[c["method"].isin(di_methods())]
     if di.empty:
         return pd.DataFrame()
     lambdas = sorted(di["lambda_di"].unique(), key=float)
@@ -221,7 +231,7 @@ def lambda_table(c: pd.DataFrame) -> pd.DataFrame:
         values = {f"λ_DI={lam}": MISSING for lam in lambdas}
         for _, row in group.iterrows():
             values[f"λ_DI={row['lambda_di']}"] = fmt_cell(row)
-        out.append({"pair": f"{teacher} → {student} ({detector})", "method": METHOD_ROWS[method],
+        out.append({"pair": f"{teacher} → {student} ({detector})", "method": method_rows()[method],
                     "strategy": show_strategies(strategies), "λ_feat": lambda_feat or MISSING, **values})
     return pd.DataFrame(out)
 
@@ -238,13 +248,13 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
     same least-squares procedure for every run (comparable across rows, so its Δ over the student baseline is
     marked by the noise rule); the adapter column is the run's own trained N2N f_trans (DI-N2N trains it through
     the teacher's head: high by construction). Means ± std over the cell's seeds."""
-    rows = c[(c["method"] != "teacher") & c["teacher_head_probe_mAP"].notna()]
+    rows = c[(c["method"] != TEACHER) & c["teacher_head_probe_mAP"].notna()]
     out = []
     for _, r in rows.iterrows():
         pair = tuple(r[PAIR])
         base = student_cell(c, pair)
         out.append({
-            "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": METHOD_ROWS[r["method"]],
+            "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": method_rows()[r["method"]],
             "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
             "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
             PROBE_COLUMN: fmt(r["teacher_head_probe_mAP"], r["teacher_head_probe_mAP_std"]),

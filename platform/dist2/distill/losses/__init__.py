@@ -1,4 +1,5 @@
-"""The distillation loss registry: a new loss is one file in this folder plus one line here.
+"""The distillation loss registry: a new loss is one file in this folder plus one line here (and a method that
+uses it, one line in `dist2.methods.METHODS`).
 
 Every loss is an nn.Module built as `Loss(cfg: DistillConfig, student_channels, teacher_channels)` (channels
 of the levels it will see) and called as `loss(imitation) -> {term name: weighted scalar}`; its parameters, if
@@ -16,14 +17,4 @@ LOSSES = {
     "di": DetectionImitation,
     "pad": PAD,
     "nonlocal": NonLocal,
-}
-
-# distill.method -> the losses it adds to the student's own detection loss.
-METHOD_LOSSES = {
-    "student": [],
-    "fi": ["fi"],
-    "di": ["di"],
-    "dist2": ["fi", "di"],
-    "pad": ["pad"],
-    "nonlocal": ["nonlocal"],
 }
