@@ -20,40 +20,19 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, free_port, run_cli, start_mlflow_server, stop, write_ablation
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root (CI runs as root): its commands then run as the `postgres` user.
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    """A real PostgreSQL server (Debian's package, installed by .ci/run) on loopback, password auth, with an
-    empty `mlflow` database; yields its URI."""
-    import psycopg
+    """A real PostgreSQL server (pgserver: PostgreSQL's own binaries from PyPI, in the dev extra; as root it runs
+    them as its own system user) with an empty `mlflow` database; yields its URI (a Unix socket)."""
+    import pgserver
 
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    assert bins, "PostgreSQL is not installed: .ci/run installs Debian's postgresql package"
-    bin_dir = bins[-1].parent
     home = Path(tempfile.mkdtemp(prefix="dist2-pg-"))  # not under pytest's root-only folder: postgres reads it
-    password, port = os.urandom(12).hex(), free_port()
-    (home / "pw").write_text(password)
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres")
-        shutil.chown(home / "pw", "postgres")
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(home / "data"), "-U", "postgres",
-                                 "--auth=scram-sha-256", f"--pwfile={home / 'pw'}"]),
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-l", str(home / "log"), "-w",
-                                 "-o", f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={home}",
-                                 "start"]), check=True, capture_output=True, timeout=120)
+    server = pgserver.get_server(home / "data", cleanup_mode="stop")
     try:
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres",
-                             autocommit=True) as admin:
-            admin.execute("CREATE DATABASE mlflow")
-        yield f"postgresql://postgres:{password}@127.0.0.1:{port}/mlflow"
+        server.psql("CREATE DATABASE mlflow;")
+        yield server.get_uri("mlflow")
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(home / "data"), "-m", "fast", "stop"]),
-                       capture_output=True, timeout=120)
+        server.cleanup()
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -134,7 +134,7 @@ class _Payload:
 
 
 def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path):
-    from dist2.engine.checkpoint import load
+    from dist2.checkpoint import load
     from dist2.errors import UserError
 
     marker, evil = tmp_path / "pwned", tmp_path / "model.pth"

@@ -106,3 +106,33 @@ def test_every_subcommand_and_option_of_the_cli_is_in_the_readme_command_list():
         assert options or words == ["data"], name
         missing = sorted(o for o in options if o not in text)
         assert not missing, f"{name}: options missing from the README's command list: {missing}"
+
+
+def _imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) for every `from dist2... import name` and `import dist2...` in a file."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dist2"):
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.startswith("dist2")]
+    return found
+
+
+def test_layers_import_one_way_and_share_only_public_names():
+    """evaluation never imports engine (engine evaluates); no module imports another's private name."""
+    import re
+
+    package = REPO / "platform" / "dist2"
+    for path in sorted(package.rglob("*.py")):
+        own = "dist2." + ".".join(path.relative_to(package).with_suffix("").parts)
+        for module, name in _imports(path):
+            if path.parent.name == "evaluation":
+                assert not module.startswith("dist2.engine"), f"{path}: imports {module}"
+            if module != own:
+                assert not name.startswith("_"), f"{path}: imports the private {module}.{name}"
+        # attribute access to another module's private helper (tracking._x, tables._y)
+        for match in re.finditer(r"\b(tracking|tables|config|spec|scheduling)\._[a-z]\w*", path.read_text()):
+            assert path.stem == match.group(1), f"{path}: reaches into {match.group(0)}"

@@ -17,7 +17,8 @@ from dist2.config import SynthConfig, load_config
 from dist2.data.build import synth_root
 from dist2.data.coco import CocoDetection
 from dist2.data.transforms import train_transforms
-from dist2.engine.loop import resolve_device, to_device
+from dist2.distributed import resolve_device
+from dist2.engine.loop import to_device
 from dist2.errors import UserError
 from dist2.modeling.detectors import build_architecture
 

@@ -28,7 +28,7 @@ from dist2.bench import synthetic_batch
 from dist2.config import DistillConfig, load_config
 from dist2.distill.distiller import Distiller
 from dist2.distill.imitation import level_count
-from dist2.engine.loop import resolve_device
+from dist2.distributed import resolve_device
 from dist2.methods import ALL2ALL, HINT, STRATEGIES
 from dist2.modeling.detectors import build_architecture
 

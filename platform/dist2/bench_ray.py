@@ -49,8 +49,9 @@ def _overrides(path: Path, tmp: Path, epochs: int) -> list[str]:
 
 
 def _run_variant(variant: int, path: str, overrides: list[str], tmp: str, out: str) -> None:
+    from dist2.distributed import resolve_device
     from dist2.engine.launch import TASKS, launch
-    from dist2.engine.loop import epochs, resolve_device
+    from dist2.engine.loop import epochs
 
     kind = "distill" if load_config(path).teacher is not None else "train"
     name = f"bench{variant}"

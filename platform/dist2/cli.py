@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 
         cfg = load_config(args.config, args.overrides)
         if args.teacher_head:
-            from dist2.engine.distill import evaluate_with_teacher_head
+            from dist2.distill.teacher_head import evaluate_with_teacher_head
 
             metrics = evaluate_with_teacher_head(cfg, args.checkpoint)
         else:

@@ -18,12 +18,12 @@ from dist2.errors import UserError
 from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_strategies
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SynthConfig(_Strict):
+class SynthConfig(Strict):
     """The embedded synthetic COCO-format dataset (used when `data.root` is null)."""
 
     num_train: int = Field(512, ge=1)
@@ -34,7 +34,7 @@ class SynthConfig(_Strict):
     difficulty: Literal["easy", "standard", "hard"] = "hard"
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     root: Optional[Path] = None  # a COCO-format dataset folder; null = the embedded synthetic dataset
     train_annotations: str = "annotations/instances_train.json"
     train_images: str = "train"
@@ -69,7 +69,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     detector: Literal["fcos", "retinanet"]
     backbone: str
     # Neck (FPN) and head width: the paper's "C128" students use 128, its teachers 256.
@@ -101,7 +101,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(16, ge=1)  # the global batch
     lr: float = Field(0.01, gt=0.0)
@@ -125,7 +125,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     """Where and how a run executes: Ray Train's ScalingConfig, RunConfig and FailureConfig.
 
     One worker on the local machine runs in-process (Ray Train's local mode: no worker group, no start-up
@@ -140,18 +140,18 @@ class RayConfig(_Strict):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(Strict):
     config: Path  # the teacher's experiment YAML: its model section builds the teacher
     checkpoint: Path  # the teacher's model.pth
     # Refuse to distil from a teacher whose val mAP is below this floor: it most likely failed to load or train.
     min_mAP: float = Field(1.0, ge=0.0, le=100.0)
 
 
-class PADConfig(_Strict):
+class PADConfig(Strict):
     weight: float = Field(1.0, ge=0.0)
 
 
-class NonLocalConfig(_Strict):
+class NonLocalConfig(Strict):
     # Zhang & Ma (ICLR 2021), with the source's default weights: attention-masked feature loss (alpha),
     # attention transfer (beta), non-local relation loss (gamma); temperature of the attention softmax; the
     # non-local blocks' key/value max-pooling window per level, P3 to P7.
@@ -162,7 +162,7 @@ class NonLocalConfig(_Strict):
     strides: list[int] = Field(default_factory=lambda: [8, 4, 2, 2, 2], min_length=5, max_length=5)
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     method: str = "dist2"  # a name in dist2.methods (METHODS, or the alias hint)
@@ -206,7 +206,7 @@ class DistillConfig(_Strict):
         return resolve_strategies(self.strategies)
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
     output_dir: Path = Path("runs")  # the run's files go to output_dir/name

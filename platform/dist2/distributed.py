@@ -1,4 +1,5 @@
-"""The few collective operations the loop needs, written so that a single process (world size 1) needs none."""
+"""Where a worker computes (its device) and the few collective operations the loop needs, written so that a
+single process (world size 1) needs none."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dist2.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device (auto | cpu | cuda) -> the device this process computes on."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' asked for but no CUDA device is visible (use 'auto' or 'cpu')")
+    return torch.device(name)
 
 
 def world_size() -> int:

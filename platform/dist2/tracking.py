@@ -61,22 +61,23 @@ def _artifact_root(uri: str) -> str | None:
     return None  # a tracking server decides
 
 
-def _quick_client(uri: str) -> MlflowClient:
-    # MLflow's default retries a dead server for minutes; a run must fail (or warn) fast instead.
+def quick_client(uri: str) -> MlflowClient:
+    """An MLflow client that gives up on an unreachable server in seconds: MLflow's default retries a dead server
+    for minutes, and a run must fail (or warn) fast instead."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(uri)
 
 
-def _unusable(uri: str, exc: Exception) -> UserError:
-    # connection refused, DNS, HTTP errors: all mean "no usable tracking store"
+def unusable(uri: str, exc: Exception) -> UserError:
+    """The one-line error for a store that cannot be used: connection refused, DNS, HTTP errors alike."""
     return UserError(f"MLflow tracking store {uri} is not usable ({exc.__class__.__name__}: "
                      f"{str(exc).splitlines()[0][:300]}); start it, or pass --tracking-uri")
 
 
 def experiment_id(uri: str, experiment: str) -> str:
     """The id of the named experiment, created if needed. Raises UserError when the store is not usable."""
-    client = _quick_client(uri)
+    client = quick_client(uri)
     try:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -88,18 +89,18 @@ def experiment_id(uri: str, experiment: str) -> str:
                     raise
         return found.experiment_id
     except Exception as exc:
-        raise _unusable(uri, exc) from None
+        raise unusable(uri, exc) from None
 
 
 def tag_experiment(uri: str, experiment: str, tags: dict[str, str]) -> None:
-    client = _quick_client(uri)
+    client = quick_client(uri)
     exp_id = experiment_id(uri, experiment)
     for key, value in tags.items():
         client.set_experiment_tag(exp_id, key, value)
 
 
 def experiment_tag(uri: str, experiment: str, key: str) -> str | None:
-    found = _quick_client(uri).get_experiment_by_name(experiment)
+    found = quick_client(uri).get_experiment_by_name(experiment)
     return found.tags.get(key) if found else None
 
 
@@ -110,7 +111,7 @@ def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, exp
 
     A new run replaces a RUNNING or KILLED run of the same run folder in the experiment: one whose process
     died before its first checkpoint, which nothing can continue (a FAILED run stays, as the record of why)."""
-    client = _quick_client(uri)
+    client = quick_client(uri)
     try:
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
@@ -126,7 +127,7 @@ def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, exp
     except UserError:
         raise
     except Exception as exc:
-        raise _unusable(uri, exc) from None
+        raise unusable(uri, exc) from None
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
@@ -145,7 +146,7 @@ class EpochLogger:
     that is already in the run (logged before a worker failure sent training back a checkpoint) is skipped."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.uri, self.run_id = _quick_client(uri), uri, run_id
+        self.client, self.uri, self.run_id = quick_client(uri), uri, run_id
         self.pending: list[dict] = []
         try:
             self.logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
@@ -173,7 +174,7 @@ class EpochLogger:
 def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path], status: str = "FINISHED",
               tags: dict[str, str] | None = None) -> None:
     """Log every epoch of `history` the run is missing, the artifacts and tags, and set the final status."""
-    client = _quick_client(uri)
+    client = quick_client(uri)
     try:
         logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
         for record in history:
@@ -195,11 +196,11 @@ def delete_run(uri: str, run_id: str) -> None:
 
 
 def run_status(uri: str, run_id: str) -> str:
-    return _quick_client(uri).get_run(run_id).info.status
+    return quick_client(uri).get_run(run_id).info.status
 
 
 def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
-    client = _quick_client(uri)
+    client = quick_client(uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], f"tags.`dist2.run_dir` = '{run_dir}'") if found else []
     return any(run.info.status == "FINISHED" for run in runs)
@@ -208,7 +209,7 @@ def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
 def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: str, history: list[dict],
                         params: dict[str, str], tags: dict[str, str]) -> str:
     """A finished MLflow run for a run done before (a reused teacher): its params, tags and epochs' metrics."""
-    client = _quick_client(uri)
+    client = quick_client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=cfg.name,
                             tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
@@ -225,7 +226,7 @@ def ui_command(uri: str) -> str:
 
 def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float]) -> str:
     """The experiment's summary run (tag dist2.kind = report): created once, its artifacts replaced each time."""
-    client = _quick_client(uri)
+    client = quick_client(uri)
     exp_id = experiment_id(uri, experiment)
     found = client.search_runs([exp_id], "tags.`dist2.kind` = 'report'")
     run_id = found[0].info.run_id if found else client.create_run(

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dist2.config import ExperimentConfig, _Strict, apply_overrides, read_yaml, validate
+from dist2.config import ExperimentConfig, Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
 from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, TEACHER, check_method, resolve_strategies
 
@@ -30,7 +30,7 @@ SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strateg
           "seed")
 
 
-class Pair(_Strict):
+class Pair(Strict):
     teacher: Path  # the teacher's experiment YAML
     student: Path  # the student's experiment YAML
     # Names in the report and in the `teacher` / `student` params (default: the YAMLs' `name`).
@@ -38,7 +38,7 @@ class Pair(_Strict):
     student_label: Optional[str] = None
 
 
-class GridEntry(_Strict):
+class GridEntry(Strict):
     """One cross product of axes. Axes left out take the file's defaults."""
 
     method: list[str] = Field(min_length=1)  # names in dist2.methods (a pair's teacher is run by itself)
@@ -64,7 +64,7 @@ class GridEntry(_Strict):
         return self
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """What one trial holds: its Ray Train workers (ray.num_workers) and each worker's CPUs and GPUs."""
 
     num_workers: int = Field(1, ge=1)
@@ -72,7 +72,7 @@ class Resources(_Strict):
     gpus_per_worker: float = Field(0, ge=0)
 
 
-class AblationConfig(_Strict):
+class AblationConfig(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")  # = the MLflow experiment
     output_dir: Path = Path("runs")  # runs go to output_dir/name/, teachers to output_dir/teachers/
     tables: list[Literal[TABLES]] = Field(default_factory=lambda: list(TABLES))

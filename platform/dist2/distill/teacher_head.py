@@ -15,9 +15,17 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dist2 import checkpoint
+from dist2.checkpoint import load_weights
+from dist2.config import ExperimentConfig
+from dist2.data.build import build_datasets
 from dist2.data.coco import CocoDetection, collate
 from dist2.distill.adapters import Adapter
-from dist2.evaluation import evaluate_detections
+from dist2.distill.distiller import level_channels
+from dist2.distill.teacher import load_teacher, require_distill_sections
+from dist2.distributed import resolve_device
+from dist2.evaluation import evaluate, evaluate_detections
+from dist2.modeling import build_detector
 from dist2.modeling.detectors import StagedDetector
 
 PROBE_METRIC = "teacher_head_probe_mAP"
@@ -87,3 +95,25 @@ def teacher_head_metrics(student: StagedDetector, teacher: StagedDetector, train
     if trained is not None:
         metrics[TRAINED_METRIC] = teacher_head_map(student, teacher, trained, val_ds, device, batch_size)
     return metrics
+
+
+def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
+    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics, teacher_head_probe_mAP, and
+    teacher_head_mAP when the checkpoint (a distillation resume state) brings its trained N2N adapter."""
+    require_distill_sections(cfg, "--teacher-head")
+    device = resolve_device(cfg.train.device)
+    train_ds, val_ds = build_datasets(cfg.data)
+    teacher, _ = load_teacher(cfg, val_ds, device)
+    student = build_detector(cfg.model, cfg.data, val_ds.categories)
+    load_weights(student, path)
+    student.to(device)
+    state = checkpoint.load(path).get("model", {})
+    trained = {k.removeprefix("adapters.N2N."): v for k, v in state.items() if k.startswith("adapters.N2N.")}
+    adapter = None
+    if trained:
+        adapter = Adapter(level_channels(student, "N"), level_channels(teacher, "N"))
+        adapter.load_state_dict(trained)
+        adapter.to(device)
+    metrics = evaluate(student, val_ds, device, cfg.train.batch_size)
+    return {**metrics, **teacher_head_metrics(student, teacher, adapter, train_ds, val_ds, device,
+                                              cfg.train.batch_size)}

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from dist2 import distributed, tracking
+from dist2 import checkpoint, distributed, tracking
 from dist2.config import ExperimentConfig, flatten
-from dist2.engine import checkpoint
+from dist2.distributed import resolve_device
 from dist2.engine.distill import build_distill_task
-from dist2.engine.loop import NonFiniteLoss, epochs, resolve_device
+from dist2.engine.loop import NonFiniteLoss, epochs
 from dist2.engine.train import build_train_task
 from dist2.errors import RunFailed, UserError
 

@@ -49,16 +49,6 @@ class Task:
     ddp_kwargs: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from dist2.errors import UserError
-
-        raise UserError("train.device: 'cuda' asked for but no CUDA device is visible (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
 def seed_epoch(seed: int, epoch: int, worker: int = 0) -> None:
     """Seed every RNG from (seed, epoch, worker) alone, so that a resumed run draws exactly what an unbroken run
     would (augmentation) without having to carry RNG states in the checkpoint."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist2.checkpoint import load_weights
 from dist2.config import ExperimentConfig
 from dist2.data.build import build_val_dataset
 from dist2.data.coco import load_coco, read_json
-from dist2.engine.checkpoint import load_weights
-from dist2.engine.loop import resolve_device
+from dist2.distributed import resolve_device
 from dist2.errors import UserError
 from dist2.evaluation.coco_eval import coco_metrics, evaluate
 from dist2.modeling import build_detector

@@ -33,11 +33,11 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     as columns named as in MLflow (without the params./metrics. prefixes)."""
     import mlflow
 
-    client = tracking._quick_client(uri)
+    client = tracking.quick_client(uri)
     try:
         found = client.get_experiment_by_name(experiment)
     except Exception as exc:
-        raise tracking._unusable(uri, exc) from None
+        raise tracking.unusable(uri, exc) from None
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
         raise UserError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: "
