@@ -17,6 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from dist2.bench_cluster import stop_local_cluster
+
 from conftest import REPO, free_port, run_cli, start_mlflow_server, stop, write_ablation
 
 
@@ -75,7 +77,7 @@ def cluster(tmp_path_factory, postgres):
                "nodes": started}
     finally:
         stop(server)
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_local_cluster(port)  # this cluster only: never another Ray on the machine
 
 
 def _runs(uri: str, experiment: str):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dist2.bench_cluster import stop_local_cluster
+
 from conftest import free_port, write_ablation
 
 NODE_TYPE = {"resources": {"CPU": 2, "object_store_memory": 128 * 2**20}, "node_config": {}, "min_workers": 0,
@@ -50,7 +52,7 @@ def autoscaling_cluster(tmp_path_factory):
     try:
         yield {"address": f"127.0.0.1:{port}", "env": env}
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_local_cluster(port)  # this cluster only (the fake nodes are its monitor's children)
 
 
 def _ablate(cluster, ablation: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,9 @@ small machine the second node adds trial slots, not compute.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,34 @@ def _ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, timeout=120)
 
 
+def stop_local_cluster(port: int, timeout: float = 30.0) -> None:
+    """Stop the Ray nodes of the local cluster whose GCS listens on `port`, and nothing else: `ray stop` would stop
+    every Ray of this user on the machine (another user's job, a running ablation). Its processes are those that
+    name the GCS address or port (GCS, raylets, dashboard, monitor, agents) and their children (the workers)."""
+    import psutil
+
+    names_gcs = re.compile(rf"(:|--gcs_server_port=){port}(\D|$)")  # HOST:PORT in any flag, or the GCS's own
+    roots = [proc for proc in psutil.process_iter(["cmdline"])
+             if proc.pid != os.getpid() and names_gcs.search(" ".join(proc.info["cmdline"] or []))]
+    procs = {child for root in roots for child in _children(root)} | set(roots)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def _grid_runs(uri: str, experiment: str) -> list:
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -38,7 +68,6 @@ def _grid_runs(uri: str, experiment: str) -> list:
 
 def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
     port = 6400 + os.getpid() % 1000
-    _ray("stop", "--force")
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
          "--include-dashboard=false", f"--object-store-memory={128 * 2**20}", "--disable-usage-stats")
     uri = f"sqlite:///{out / 'mlflow.db'}"
@@ -60,7 +89,7 @@ def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
         if driver.wait() != 0:
             raise SystemExit(f"dist2 ablate {ablation} failed (exit {driver.returncode})")
     finally:
-        _ray("stop", "--force")
+        stop_local_cluster(port)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name).experiment_id
     report = next(r for r in client.search_runs([experiment]) if r.data.tags.get("dist2.kind") == "report")
