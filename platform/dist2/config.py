@@ -9,13 +9,16 @@ allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist2.errors import UserError
 from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_strategies
+
+# A distillation method's name: one in dist2.methods (METHODS, or an alias such as hint).
+MethodName = Annotated[str, AfterValidator(check_method)]
 
 
 class Strict(BaseModel):
@@ -165,7 +168,7 @@ class NonLocalConfig(Strict):
 class DistillConfig(Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    method: str = "dist2"  # a name in dist2.methods (METHODS, or the alias hint)
+    method: MethodName = "dist2"
     strategies: list[Literal[STRATEGIES + (ALL2ALL,)]] = Field(default_factory=lambda: ["N2N"])
     lambda_di: float = Field(1.0, ge=0.0)
     lambda_feat: float = Field(1.0, ge=0.0)
@@ -184,11 +187,6 @@ class DistillConfig(Strict):
                                  f"at {at}) is defined at {at} only")
             data = {**data, "method": method, "strategies": strategies}
         return data
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        return check_method(name)
 
     @model_validator(mode="after")
     def _strategies_fit_method(self) -> "DistillConfig":

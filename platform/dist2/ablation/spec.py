@@ -21,9 +21,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dist2.config import ExperimentConfig, Strict, apply_overrides, read_yaml, validate
+from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
-from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, TEACHER, check_method, resolve_strategies
+from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_strategies
 
 TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head")
 SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
@@ -41,18 +41,13 @@ class Pair(Strict):
 class GridEntry(Strict):
     """One cross product of axes. Axes left out take the file's defaults."""
 
-    method: list[str] = Field(min_length=1)  # names in dist2.methods (a pair's teacher is run by itself)
+    method: list[MethodName] = Field(min_length=1)  # a pair's teacher is run by itself
     # Explicit strategy lists (e.g. [[N2N], [B2B, N2N], [All2All]]) or "the first k of N2N, B2B, B2N, N2B".
     strategies: Optional[list[list[Literal[STRATEGIES + (ALL2ALL,)]]]] = None
     num_strategies: Optional[list[int]] = None
     lambda_di: Optional[list[float]] = None
     lambda_feat: Optional[list[float]] = None
     seed: Optional[list[int]] = None
-
-    @field_validator("method")
-    @classmethod
-    def _known_methods(cls, names: list[str]) -> list[str]:
-        return [check_method(name) for name in names]
 
     @model_validator(mode="after")
     def _one_way_to_pick_strategies(self) -> "GridEntry":
