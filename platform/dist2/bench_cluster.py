@@ -48,6 +48,14 @@ def stop_local_cluster(port: int, timeout: float = 30.0) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    # `ray start` (a joining node too) records its cluster as the one a plain ray.init() on this machine connects
+    # to; `ray stop` removes that record, and so must we, or the next ray.init() tries the dead cluster.
+    from ray._private.utils import get_ray_address_file  # Ray has no public name for it
+
+    record = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):
+        if names_gcs.search(record.read_text()):
+            record.unlink()
 
 
 def _children(proc) -> list:
