@@ -53,15 +53,22 @@ def cluster(tmp_path_factory, postgres):
     port, dashboard, mlflow_port = free_port(), free_port(), free_port()
     ray = str(Path(sys.executable).parent / "ray")
     common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # Ray's fixed defaults (the job agent's 52365, the client server's 10001) would collide with any other
+        # Ray on the machine: the job agent would not start, and job submission would never find one.
+        return [f"--dashboard-agent-listen-port={free_port()}"]
+
     subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                    f"--ray-client-server-port={free_port()}", *own_ports(), *common],
                    env=env, check=True, capture_output=True, timeout=120)
     started: list[float] = []  # when each node joined (time.time())
 
     def add_node() -> float:
         node = NODES[len(started)]
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *common],
+                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *own_ports(), *common],
                        env=env, check=True, capture_output=True, timeout=120)
         started.append(time.time())
         return started[-1]

@@ -47,6 +47,7 @@ def autoscaling_cluster(tmp_path_factory):
     config = _autoscaling_config(temp / "autoscaler.json", f"127.0.0.1:{port}")
     subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                     f"--dashboard-port={free_port()}", f"--autoscaling-config={config}", f"--temp-dir={temp}",
+                    f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                     f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:

@@ -77,7 +77,8 @@ def _grid_runs(uri: str, experiment: str) -> list:
 def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
     port = 6400 + os.getpid() % 1000
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-         "--include-dashboard=false", f"--object-store-memory={128 * 2**20}", "--disable-usage-stats")
+         "--include-dashboard=false", f"--object-store-memory={128 * 2**20}", "--disable-usage-stats",
+         f"--ray-client-server-port={port + 1}", f"--dashboard-agent-listen-port={port + 2}")
     uri = f"sqlite:///{out / 'mlflow.db'}"
     joined = None
     try:
@@ -92,7 +93,8 @@ def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
                 continue
             if done:
                 _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                     f"--object-store-memory={128 * 2**20}", "--disable-usage-stats")
+                     f"--object-store-memory={128 * 2**20}", "--disable-usage-stats",
+                     f"--dashboard-agent-listen-port={port + 3}")
                 joined = time.time()
         if driver.wait() != 0:
             raise SystemExit(f"dist2 ablate {ablation} failed (exit {driver.returncode})")

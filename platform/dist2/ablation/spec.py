@@ -120,16 +120,16 @@ def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
     raw = apply_overrides(read_yaml(path), list(overrides))
     spec = validate(AblationConfig, raw, str(path))
     base = Path(path).parent
-    # Trials run in other processes and other folders (a Ray job's, a Tune trial's): every path is absolute.
-    spec.output_dir = spec.output_dir.absolute()
     # Experiment YAMLs named in the file are found relative to the working directory, like the CLI's.
     for pair in spec.pairs:
         for role in ("teacher", "student"):
             if not getattr(pair, role).is_file():
                 raise UserError(f"{path}: pairs: {role} config {getattr(pair, role)} does not exist "
                                 f"(paths are relative to the working directory, not to {base})")
-            setattr(pair, role, getattr(pair, role).absolute())
-    return spec
+    # Trials run in other processes and other folders (a Ray job's, a Tune trial's): every path is absolute.
+    pairs = [pair.model_copy(update={"teacher": pair.teacher.absolute(), "student": pair.student.absolute()})
+             for pair in spec.pairs]
+    return spec.model_copy(update={"output_dir": spec.output_dir.absolute(), "pairs": pairs})
 
 
 def teacher_key(cfg: ExperimentConfig) -> str:
