@@ -16,6 +16,7 @@ MLflowLoggerCallback (which keeps its trial -> run map in memory and opens dupli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -163,10 +164,10 @@ def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore:
     return results, time.monotonic() - started, watch
 
 
-def _stopped_waiting(path: Path, watch: scheduling.PhaseWatch) -> UserError:
+def _stopped_waiting(command: str, watch: scheduling.PhaseWatch) -> UserError:
     return WaitedTooLong(f"{watch.phase}: waited {watch.wait_timeout:g} s (--wait-timeout) with no trial running: "
                          f"{scheduling.cluster_line(watch.footprint)}; add resources and continue with "
-                         f"dist2 ablate {path} --resume")
+                         f"{command} --resume")
 
 
 def _trial_seconds(results) -> float:
@@ -195,26 +196,41 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     footprint = Footprint.of(r.num_workers, r.cpus_per_worker, r.gpus_per_worker)
     start_ray(address)
     scheduling.refuse_impossible(footprint, scheduling.declared_node_types(), scheduling.alive_nodes())
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    # Every path is absolute from here on. Work in output_dir: a Ray job's working directory is a temporary copy
-    # that Ray may unpack again under a running driver (seen with two nodes on one machine), and Tune needs a cwd.
-    os.chdir(spec.output_dir)
+    spec.output_dir.mkdir(parents=True, exist_ok=True)  # every path is absolute from here on
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
     # The store is usable, and the experiment exists before any trial; the report prints its command.
-    tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: shlex.join(
-        ["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])})
+    command = shlex.join(["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])
+    tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command})
     job = {"uri": uri, "experiment": spec.name, "source": str(source)}
     missing = [t for t in teachers if finished_run(t.cfg) is None]
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
     try:
-        return _run_phases(path, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout)
+        with _working_in(spec.output_dir):
+            return _run_phases(command, spec, source, teachers, missing, runs, job, footprint, resume,
+                               wait_timeout)
     finally:
         scheduling.release_request()
 
 
-def _run_phases(path, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout) -> int:
+@contextlib.contextmanager
+def _working_in(folder: Path):
+    """Tune resolves its storage paths against the working directory (os.path.relpath), and a Ray job's working
+    directory is a temporary copy that Ray may unpack again under a running driver (seen with two nodes on one
+    machine): the Tune phases run in output_dir, and the caller's working directory comes back afterwards."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # a Ray job's copy may be gone: nothing to return to
+            os.chdir(before)
+
+
+def _run_phases(command, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout) -> int:
+    """The teacher and grid phases, then the report; `command` is the user's (its --set included), for the
+    --resume hints."""
     from dist2.report import write_report
 
     uri, tune_dir = job["uri"], spec.output_dir / spec.name / "tune"
@@ -222,7 +238,7 @@ def _run_phases(path, spec, source, teachers, missing, runs, job, footprint, res
         wide, wide_footprint = _widen(missing, footprint)
         results, wall, watch = _tune("teachers", wide, spec, job, False, wide_footprint, wait_timeout)
         if watch.timed_out:
-            raise _stopped_waiting(path, watch)
+            raise _stopped_waiting(command, watch)
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
@@ -238,11 +254,11 @@ def _run_phases(path, spec, source, teachers, missing, runs, job, footprint, res
         log.info("%s: no grid state to restore in %s; starting the grid (finished runs are kept)", spec.name, tune_dir)
     results, wall, watch = _tune("grid", runs, spec, job, restore, footprint, wait_timeout)
     if watch.timed_out:
-        raise _stopped_waiting(path, watch)
+        raise _stopped_waiting(command, watch)
     unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
     if unfinished or len(results) < len(runs):  # Tune stopped early (Ctrl-C): its state is saved
         print(f"dist2: {spec.name}: interrupted with {len(runs) - len(results) + len(unfinished)} trial(s) "
-              f"unfinished; continue with dist2 ablate {path} --resume", file=sys.stderr)
+              f"unfinished; continue with {command} --resume", file=sys.stderr)
         return 130
     packing = watch.packing(_trial_seconds(results))
     log.info("%s grid: %d trial(s) in %.0f s, packing efficiency %.2f (%s-seconds of trials / of the cluster)",
