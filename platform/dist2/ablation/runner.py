@@ -219,13 +219,17 @@ def _working_in(folder: Path):
     """Tune resolves its storage paths against the working directory (os.path.relpath), and a Ray job's working
     directory is a temporary copy that Ray may unpack again under a running driver (seen with two nodes on one
     machine): the Tune phases run in output_dir, and the caller's working directory comes back afterwards."""
-    before = os.getcwd()
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:  # that copy is already gone: there is nothing to come back to
+        before = None
     os.chdir(folder)
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):  # a Ray job's copy may be gone: nothing to return to
-            os.chdir(before)
+        if before is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(before)
 
 
 def _run_phases(command, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout) -> int:
