@@ -31,7 +31,7 @@ def _ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, timeout=120)
 
 
-def stop_local_cluster(port: int, timeout: float = 30.0) -> None:
+def stop_local_cluster(port: int, timeout: float = 10.0) -> None:
     """Stop the Ray nodes of the local cluster whose GCS listens on `port`, and nothing else: `ray stop` would stop
     every Ray of this user on the machine (another user's job, a running ablation). Its processes are those that
     name the GCS address or port (GCS, raylets, dashboard, monitor, agents) and their children (the workers)."""
