@@ -39,11 +39,12 @@ def _run_overrides(args) -> list[str]:
 def cmd_run(args) -> int:
     from dist2.config import load_config
     from dist2.engine.launch import launch
+    from dist2.methods import TEACHER_HEAD_METRICS
 
     cfg = load_config(args.config, _run_overrides(args))
     metrics = launch(cfg, args.command, args.config, address=args.address, tracking_uri=args.tracking_uri,
                      experiment=args.experiment)
-    extra = "".join(f", {k} {metrics[k]:.2f}" for k in ("teacher_head_probe_mAP", "teacher_head_mAP") if k in metrics)
+    extra = "".join(f", {k} {metrics[k]:.2f}" for k in TEACHER_HEAD_METRICS if k in metrics)
     log.info("finished %s: mAP %.2f%s; weights in %s", cfg.name, metrics.get("mAP", float("nan")), extra,
              cfg.run_dir / "model.pth")
     return 0

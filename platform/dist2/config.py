@@ -15,7 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist2.errors import UserError
-from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_strategies
+from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_alias, resolve_strategies
 
 # A distillation method's name: one in dist2.methods (METHODS, or an alias such as hint).
 MethodName = Annotated[str, AfterValidator(check_method)]
@@ -180,11 +180,11 @@ class DistillConfig(Strict):
     @classmethod
     def _hint_is_fi_at_n2n(cls, data):
         if isinstance(data, dict) and data.get("method") in ALIASES:
-            method, strategies = ALIASES[data["method"]]
-            if list(data.get("strategies", strategies)) != strategies:
-                name, at = data["method"], ", ".join(strategies)
-                raise ValueError(f"distill.strategies: the {name} baseline ({name.capitalize()} = {method.upper()} "
-                                 f"at {at}) is defined at {at} only")
+            try:
+                name = data["method"]
+                method, strategies = resolve_alias(name, data.get("strategies", ALIASES[name][1]))
+            except ValueError as exc:
+                raise ValueError(f"distill.strategies: {exc}") from None
             data = {**data, "method": method, "strategies": strategies}
         return data
 

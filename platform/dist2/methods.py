@@ -49,6 +49,12 @@ HINT_ROW = "+ Hint = FI (N2N)"
 TEACHER = "teacher"  # the method param of a pair's teacher run (trained by itself, not a distillation method)
 TEACHER_ROW = "(teacher)"
 
+# The teacher's head on the student's neck (distill/teacher_head.py): through a least-squares probe, for every run
+# with a teacher; through the run's own trained N2N adapter, for runs that have one.
+PROBE_METRIC = "teacher_head_probe_mAP"
+TRAINED_METRIC = "teacher_head_mAP"
+TEACHER_HEAD_METRICS = (PROBE_METRIC, TRAINED_METRIC)
+
 
 def method_names() -> list[str]:
     """Every name a config or grid may use."""
@@ -59,6 +65,20 @@ def check_method(name: str) -> str:
     if name not in METHODS and name not in ALIASES:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
     return name
+
+
+def resolve_alias(name: str, strategies) -> tuple[str, list[str]]:
+    """(method, strategies) a config or grid cell runs: an alias (hint) becomes the method it names, at the only
+    strategies it is defined at (ValueError for others); any other name is returned as it is."""
+    if name not in ALIASES:
+        return name, list(strategies)
+    method, defined_at = ALIASES[name]
+    chosen = resolve_strategies(strategies)
+    if chosen != defined_at:
+        at = ", ".join(defined_at)
+        raise ValueError(f"the {name} baseline ({name.capitalize()} = {method.upper()} at {at}) is defined at {at} "
+                         f"only (got {', '.join(chosen)})")
+    return method, defined_at
 
 
 def resolve_strategies(strategies) -> list[str]:

@@ -35,12 +35,11 @@ from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, t
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import close_finished, finished_run, launch, start_ray
 from dist2.errors import RunFailed, UserError, WaitedTooLong
-from dist2.methods import METHODS
+from dist2.methods import METHODS, TEACHER_HEAD_METRICS
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "teacher_head_mAP", "teacher_head_probe_mAP", "teacher_mAP",
-            "epoch")
+REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", *TEACHER_HEAD_METRICS, "teacher_mAP", "epoch")
 
 
 # ---------------------------------------------------------------- one trial (in a Tune trial actor)

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
-from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_strategies
+from dist2.methods import ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_alias, resolve_strategies
 
 TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head")
 SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
@@ -179,19 +179,17 @@ def _cells(spec: AblationConfig, entry: GridEntry, source: Path):
         strategy_lists = entry.strategies or spec.strategies
     axes = (entry.method, strategy_lists, entry.lambda_di or spec.lambda_di, entry.lambda_feat or spec.lambda_feat,
             entry.seed or spec.seed)
-    for method, strategies, lambda_di, lambda_feat, seed in itertools.product(*axes):
-        chosen = resolve_strategies(strategies)
-        if method in ALIASES:  # e.g. Hint = FI at N2N: one experiment, one cell, whichever name the grid uses
-            name, (method, defined_at) = method, ALIASES[method]
-            if chosen != defined_at:
-                raise UserError(f"{source}: grid: method {name} (= {method} at {', '.join(defined_at)}) is defined "
-                                f"at {', '.join(defined_at)} only, not {chosen}")
-        entry = METHODS[method]
-        if not entry.losses:  # the student baseline: no strategy
+    for name, strategies, lambda_di, lambda_feat, seed in itertools.product(*axes):
+        try:  # an alias (Hint = FI at N2N) is one experiment, one cell, whichever name the grid uses
+            method, chosen = resolve_alias(name, resolve_strategies(strategies))
+        except ValueError as exc:
+            raise UserError(f"{source}: grid: {exc}") from None
+        registered = METHODS[method]
+        if not registered.losses:  # the student baseline: no strategy
             chosen = []
         yield {"method": method, "strategies": ",".join(sorted(chosen)), "num_strategies": str(len(chosen)),
-               "lambda_di": str(float(lambda_di)) if entry.lambda_di else "",
-               "lambda_feat": str(float(lambda_feat)) if entry.lambda_feat else "", "seed": str(seed)}
+               "lambda_di": str(float(lambda_di)) if registered.lambda_di else "",
+               "lambda_feat": str(float(lambda_feat)) if registered.lambda_feat else "", "seed": str(seed)}
 
 
 def _skipped(params: dict[str, str], skip: list[dict]) -> bool:

@@ -25,11 +25,9 @@ from dist2.distill.distiller import level_channels
 from dist2.distill.teacher import load_teacher, require_distill_sections
 from dist2.distributed import resolve_device
 from dist2.evaluation import evaluate, evaluate_detections
+from dist2.methods import PROBE_METRIC, TRAINED_METRIC
 from dist2.modeling import build_detector
 from dist2.modeling.detectors import StagedDetector
-
-PROBE_METRIC = "teacher_head_probe_mAP"
-TRAINED_METRIC = "teacher_head_mAP"
 
 
 def _neck(model: StagedDetector, images):

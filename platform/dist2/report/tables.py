@@ -11,7 +11,18 @@ import math
 
 import pandas as pd
 
-from dist2.methods import ALL2ALL, HINT, HINT_ROW, METHODS, STRATEGIES, TEACHER, TEACHER_ROW
+from dist2.methods import (
+    ALL2ALL,
+    HINT,
+    HINT_ROW,
+    METHODS,
+    PROBE_METRIC,
+    STRATEGIES,
+    TEACHER,
+    TEACHER_HEAD_METRICS,
+    TEACHER_ROW,
+    TRAINED_METRIC,
+)
 from dist2.report import paper
 
 PAIR = ["detector", "teacher", "student"]
@@ -30,15 +41,12 @@ def di_methods() -> list[str]:
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
-TEACHER_HEAD = ("teacher_head_probe_mAP", "teacher_head_mAP")
-
-
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: mAP mean/std/n, and the same (`<metric>`, `<metric>_std`, `<metric>_n`) for the two
     teacher-head measures."""
     grouped = runs.groupby(CELL, sort=False)
     out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
-    for metric in TEACHER_HEAD:
+    for metric in TEACHER_HEAD_METRICS:
         out[metric] = grouped[metric].mean()
         out[f"{metric}_std"] = grouped[metric].std()
         out[f"{metric}_n"] = grouped[metric].count()
@@ -248,7 +256,7 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
     same least-squares procedure for every run (comparable across rows, so its Δ over the student baseline is
     marked by the noise rule); the adapter column is the run's own trained N2N f_trans (DI-N2N trains it through
     the teacher's head: high by construction). Means ± std over the cell's seeds."""
-    rows = c[(c["method"] != TEACHER) & c["teacher_head_probe_mAP"].notna()]
+    rows = c[(c["method"] != TEACHER) & c[PROBE_METRIC].notna()]
     out = []
     for _, r in rows.iterrows():
         pair = tuple(r[PAIR])
@@ -257,8 +265,8 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
             "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": method_rows()[r["method"]],
             "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
             "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
-            PROBE_COLUMN: fmt(r["teacher_head_probe_mAP"], r["teacher_head_probe_mAP_std"]),
+            PROBE_COLUMN: fmt(r[PROBE_METRIC], r[f"{PROBE_METRIC}_std"]),
             PROBE_DELTA_COLUMN: "" if base is None or r["method"] == "student"
-            else marked_delta(r, base, "teacher_head_probe_mAP"),
-            TRAINED_COLUMN: fmt(r["teacher_head_mAP"], r["teacher_head_mAP_std"])})
+            else marked_delta(r, base, PROBE_METRIC),
+            TRAINED_COLUMN: fmt(r[TRAINED_METRIC], r[f"{TRAINED_METRIC}_std"])})
     return pd.DataFrame(out)
