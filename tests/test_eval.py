@@ -4,7 +4,8 @@ import math
 import pytest
 
 from dist2.data.coco import load_coco
-from dist2.evaluation import METRIC_KEYS, coco_metrics
+from dist2.evaluation import coco_metrics
+from dist2.methods import COCO_METRICS
 
 from conftest import read_json, run_cli
 
@@ -20,11 +21,11 @@ def test_perfect_shifted_and_empty_predictions(synth_root):
     ann_file = synth_root / "annotations/instances_val.json"
     coco = load_coco(ann_file)
     perfect = coco_metrics(coco, _gt_as_results(ann_file))
-    assert list(perfect) == list(METRIC_KEYS)
+    assert list(perfect) == list(COCO_METRICS)
     assert perfect["mAP"] == pytest.approx(100.0) and perfect["AP50"] == pytest.approx(100.0)
     shifted = coco_metrics(coco, _gt_as_results(ann_file, shift=4.0))
     assert 0 < shifted["mAP"] < perfect["mAP"] and shifted["APs"] < shifted["APm"]
-    assert coco_metrics(coco, []) == {k: 0.0 for k in METRIC_KEYS}
+    assert coco_metrics(coco, []) == {k: 0.0 for k in COCO_METRICS}
 
 
 def test_wrong_category_scores_zero(synth_root):
@@ -44,9 +45,9 @@ def test_cli_eval_predictions_file(tmp_path, synth_root):
     result = run_cli("eval", "--annotations", ann_file, "--predictions", preds, "--json", out)
     assert result.returncode == 0, result.stderr
     metrics = read_json(out)
-    assert list(metrics) == list(METRIC_KEYS)
+    assert list(metrics) == list(COCO_METRICS)
     expected = coco_metrics(load_coco(ann_file), json.loads(preds.read_text()))
-    for k in METRIC_KEYS:
+    for k in COCO_METRICS:
         assert metrics[k] == pytest.approx(expected[k]) or (metrics[k] is None and math.isnan(expected[k]))
 
 

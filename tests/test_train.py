@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dist2.config import load_config
-from dist2.evaluation import METRIC_KEYS
+from dist2.methods import COCO_METRICS
 from dist2.modeling import build_detector
 
 from conftest import read_json, run_cli, tiny_config, write_config
@@ -21,7 +21,7 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(tmp_path, synth_r
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:
         assert {"loss", "classification", "bbox_regression", "bbox_ctrness", "lr", "img_per_s"} <= h.keys()
-        assert set(METRIC_KEYS) <= h.keys()
+        assert set(COCO_METRICS) <= h.keys()
     assert history[1]["loss"] < history[0]["loss"]
 
     # model.pth is the bare torchvision state_dict: safe to load, exact keys of a fresh detector.
@@ -37,7 +37,7 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(tmp_path, synth_r
     result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "model.pth", "--json", out)
     assert result.returncode == 0, result.stderr
     metrics = read_json(out)
-    assert list(metrics) == list(METRIC_KEYS)
+    assert list(metrics) == list(COCO_METRICS)
     assert metrics["mAP"] == pytest.approx(history[-1]["mAP"], abs=1e-9)
 
 

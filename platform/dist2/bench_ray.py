@@ -50,8 +50,10 @@ def _overrides(path: Path, tmp: Path, epochs: int) -> list[str]:
 
 def _run_variant(variant: int, path: str, overrides: list[str], tmp: str, out: str) -> None:
     from dist2.distributed import resolve_device
-    from dist2.engine.launch import TASKS, launch
+    from dist2.engine.launch import launch
     from dist2.engine.loop import epochs
+    from dist2.engine.rundir import read_record
+    from dist2.engine.worker import TASKS
 
     kind = "distill" if load_config(path).teacher is not None else "train"
     name = f"bench{variant}"
@@ -68,7 +70,7 @@ def _run_variant(variant: int, path: str, overrides: list[str], tmp: str, out: s
             start_ray()
             address = "auto"
         launch(cfg, kind, Path(path), address=address, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-        history = json.loads((cfg.run_dir / "metrics.json").read_text())["history"]
+        history = read_record(cfg.run_dir)["history"]
     Path(out).write_text(json.dumps(history))
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints: the model weights alone (what a user deploys) and the full resume state, each epoch.
+"""Checkpoints: the model weights alone (what a user deploys) and the full resume state, each epoch (their file
+names: dist2.artifacts).
 
 Both are plain tensors and Python scalars, so they load with `torch.load(weights_only=True)`; files are written
 to a temporary name and renamed, so a crash mid-write never leaves a truncated checkpoint.
@@ -12,9 +13,6 @@ from pathlib import Path
 import torch
 
 from dist2.errors import UserError
-
-WEIGHTS = "model.pth"  # the model's state_dict, loadable into the torchvision detector
-RESUME = "resume.pth"  # model, optimizer, scheduler, scaler, epoch
 
 
 def atomic_save(obj, path: Path) -> None:

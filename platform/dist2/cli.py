@@ -37,6 +37,7 @@ def _run_overrides(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    from dist2.artifacts import WEIGHTS
     from dist2.config import load_config
     from dist2.engine.launch import launch
     from dist2.methods import TEACHER_HEAD_METRICS
@@ -46,7 +47,7 @@ def cmd_run(args) -> int:
                      experiment=args.experiment)
     extra = "".join(f", {k} {metrics[k]:.2f}" for k in TEACHER_HEAD_METRICS if k in metrics)
     log.info("finished %s: mAP %.2f%s; weights in %s", cfg.name, metrics.get("mAP", float("nan")), extra,
-             cfg.run_dir / "model.pth")
+             cfg.run_dir / WEIGHTS)
     return 0
 
 

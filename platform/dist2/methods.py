@@ -1,4 +1,4 @@
-"""The distillation vocabulary, defined once: imitation strategies and methods.
+"""The distillation vocabulary, defined once: imitation strategies, methods and the metric names runs log.
 
 Every layer reads it: config validation, the ablation grid (its axes and MLflow params), the distiller (which
 losses a method adds), the report (its rows, in this order) and the schedulers' cost estimates. Adding a method
@@ -48,6 +48,11 @@ ALIASES = {"hint": HINT}
 HINT_ROW = "+ Hint = FI (N2N)"
 TEACHER = "teacher"  # the method param of a pair's teacher run (trained by itself, not a distillation method)
 TEACHER_ROW = "(teacher)"
+
+# The metrics a run logs and the report reads: COCO's six (evaluation/coco_eval.py, in COCOeval.stats order), the
+# pair's teacher beside its student, and the teacher-head measures below.
+COCO_METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+TEACHER_MAP = "teacher_mAP"
 
 # The teacher's head on the student's neck (distill/teacher_head.py): through a least-squares probe, for every run
 # with a teacher; through the run's own trained N2N adapter, for runs that have one.

@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from dist2.artifacts import CONFIG, METRICS
 from dist2.config import ExperimentConfig, flatten
 from dist2.errors import RunFailed, UserError
 
@@ -213,7 +214,7 @@ def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: 
     run = client.create_run(experiment_id(uri, experiment), run_name=cfg.name,
                             tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
-    close_run(uri, run.info.run_id, history, [cfg.run_dir / "config.yaml", cfg.run_dir / "metrics.json"])
+    close_run(uri, run.info.run_id, history, [cfg.run_dir / CONFIG, cfg.run_dir / METRICS])
     return run.info.run_id
 
 

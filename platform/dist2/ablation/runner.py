@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,37 +33,51 @@ from dist2.ablation import scheduling
 from dist2.ablation.scheduling import Footprint, LiveCapacity
 from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
-from dist2.engine.launch import close_finished, finished_run, launch, start_ray
+from dist2.engine.launch import launch, start_ray
+from dist2.engine.rundir import RunDir
 from dist2.errors import RunFailed, UserError, WaitedTooLong
-from dist2.methods import METHODS, TEACHER_HEAD_METRICS
+from dist2.methods import COCO_METRICS, METHODS, TEACHER_HEAD_METRICS, TEACHER_MAP
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("mAP", "AP50", "AP75", "APs", "APm", "APl", *TEACHER_HEAD_METRICS, "teacher_mAP", "epoch")
+REPORTED = (*COCO_METRICS, *TEACHER_HEAD_METRICS, TEACHER_MAP, "epoch")  # what a trial tells Tune
 
 
 # ---------------------------------------------------------------- one trial (in a Tune trial actor)
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One Tune trial: a run of the grid and where it logs (plain data: it is pickled into the trial's config)."""
+    cfg: dict  # the run's experiment (absolute paths)
+    kind: str  # "train" (a teacher) or "distill"
+    params: dict[str, str]  # the grid's MLflow params
+    tracking_uri: str
+    experiment: str  # the ablation's MLflow experiment
+    source: str  # the ablation file, logged as the run's config artifact
+
+    @property
+    def name(self) -> str:
+        return self.cfg["name"]
+
+
+def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str) -> TrialJob:
+    return TrialJob(cfg=run.cfg.model_dump(mode="json", by_alias=True), kind=run.kind, params=run.params,
+                    tracking_uri=tracking_uri, experiment=experiment, source=source)
+
 
 def _trial(config: dict) -> None:
     # The trial's epoch lines reach the driver's console through Ray's log forwarding.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    job = config["run"]
+    job: TrialJob = config["run"]
     started = time.monotonic()
-    cfg = ExperimentConfig.model_validate(job["cfg"])
-    record = finished_run(cfg)
-    if record is not None:
-        # Finished, but the driver died before Tune recorded it: nothing to train; close the MLflow run if the
-        # run died between its last checkpoint and closing it.
-        metrics = record["final"]
-        if tracking.run_status(job["uri"], record["mlflow_run_id"]) != "FINISHED":
-            metrics = close_finished(cfg, Path(job["source"]), job["uri"], record["mlflow_run_id"])
-    else:
-        if cfg.ray.num_workers == 1:
-            torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker["CPU"])))
-        metrics = launch(cfg, job["kind"], Path(job["source"]), tracking_uri=job["uri"],
-                         experiment=job["experiment"], params=job["params"],
-                         tags={"dist2.ablation": job["experiment"]}, in_process=True)
+    cfg = ExperimentConfig.model_validate(job.cfg)
+    if cfg.ray.num_workers == 1:
+        torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker["CPU"])))
+    # A trial run again (the driver died before Tune recorded it) reuses or closes its finished run.
+    metrics = launch(cfg, job.kind, Path(job.source), tracking_uri=job.tracking_uri, experiment=job.experiment,
+                     params=job.params, tags={"dist2.ablation": job.experiment}, in_process=True,
+                     reuse_finished=True)
     result = {k: float(metrics[k]) for k in REPORTED if isinstance(metrics.get(k), (int, float))}
     tune.report({**result, "trial_wall_s": time.monotonic() - started})
 
@@ -81,7 +95,7 @@ class Progress(tune.Callback):
     def _line(self, trials, trial=None, event=""):
         count = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "PENDING", "ERROR")}
         best = f"; best mAP {self.best[0]:.2f} ({self.best[1]})" if self.best else ""
-        name = f" [{event} {trial.config['run']['cfg']['name']}]" if trial is not None else ""
+        name = f" [{event} {trial.config['run'].name}]" if trial is not None else ""
         pending = self.total - count["TERMINATED"] - count["RUNNING"] - count["ERROR"]  # Tune adds trials lazily
         log.info("%s: %d/%d done, %d running, %d pending, %d failed%s%s", self.phase, count["TERMINATED"],
                  self.total, count["RUNNING"], pending, count["ERROR"], best, name)
@@ -93,7 +107,7 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         mAP = (trial.last_result or {}).get("mAP")
         if mAP is not None and (self.best is None or mAP > self.best[0]):
-            self.best = (mAP, trial.config["run"]["cfg"]["name"])
+            self.best = (mAP, trial.config["run"].name)
         self._line(trials, trial, "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -132,7 +146,7 @@ def _longest_first(runs: list[Run]) -> list[Run]:
     return sorted(runs, key=cost, reverse=True)
 
 
-def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore: bool, footprint: Footprint,
+def _tune(phase: str, runs: list[Run], spec: AblationConfig, where: dict, restore: bool, footprint: Footprint,
           wait_timeout: float | None):
     """Run `runs` as one Tune run named `phase` under output_dir/name/tune; returns (ResultGrid, wall s, watch)."""
     trainable = tune.with_resources(_trial, footprint.trial_resources())
@@ -145,11 +159,11 @@ def _tune(phase: str, runs: list[Run], spec: AblationConfig, job: dict, restore:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"run": tune.grid_search([{**run.as_job(), **job} for run in _longest_first(runs)])},
+            param_space={"run": tune.grid_search([_trial_job(run, **where) for run in _longest_first(runs)])},
             # reuse_actors: a trial actor that imported torch serves the next trial (~10 s saved per trial here)
             tune_config=tune.TuneConfig(search_alg=LiveCapacity(footprint, spec.max_concurrent), reuse_actors=True,
-                                        trial_name_creator=lambda t: t.config["run"]["cfg"]["name"],
-                                        trial_dirname_creator=lambda t: t.config["run"]["cfg"]["name"]),
+                                        trial_name_creator=lambda t: t.config["run"].name,
+                                        trial_dirname_creator=lambda t: t.config["run"].name),
             run_config=tune.RunConfig(name=phase, storage_path=str(path), verbose=0,
                                       callbacks=[Progress(key, len(runs)), scheduling.Watch(key)]))
     log.info("%s: %d trial(s) of %s each, as many at once as the cluster holds%s", key, len(runs), footprint,
@@ -175,7 +189,7 @@ def _trial_seconds(results) -> float:
 
 def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) -> None:
     """A teacher trained before (by any ablation) appears in this experiment as a finished `teacher` run."""
-    record = finished_run(run.cfg)
+    record = RunDir(run.cfg).finished()
     tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"],
                                  {**run.params}, {"dist2.ablation": experiment, "dist2.config": str(source),
                                                   "dist2.reused_from": record["mlflow_run_id"]})
@@ -200,14 +214,14 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     # The store is usable, and the experiment exists before any trial; the report prints its command.
     command = shlex.join(["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])
     tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command})
-    job = {"uri": uri, "experiment": spec.name, "source": str(source)}
-    missing = [t for t in teachers if finished_run(t.cfg) is None]
+    where = {"tracking_uri": uri, "experiment": spec.name, "source": str(source)}
+    missing = [t for t in teachers if RunDir(t.cfg).finished() is None]
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
     try:
         with _working_in(spec.output_dir):
-            return _run_phases(command, spec, source, teachers, missing, runs, job, footprint, resume,
+            return _run_phases(command, spec, source, teachers, missing, runs, where, footprint, resume,
                                wait_timeout)
     finally:
         scheduling.release_request()
@@ -231,15 +245,15 @@ def _working_in(folder: Path):
                 os.chdir(before)
 
 
-def _run_phases(command, spec, source, teachers, missing, runs, job, footprint, resume, wait_timeout) -> int:
+def _run_phases(command, spec, source, teachers, missing, runs, where, footprint, resume, wait_timeout) -> int:
     """The teacher and grid phases, then the report; `command` is the user's (its --set included), for the
     --resume hints."""
     from dist2.report import write_report
 
-    uri, tune_dir = job["uri"], spec.output_dir / spec.name / "tune"
+    uri, tune_dir = where["tracking_uri"], spec.output_dir / spec.name / "tune"
     if missing:
         wide, wide_footprint = _widen(missing, footprint)
-        results, wall, watch = _tune("teachers", wide, spec, job, False, wide_footprint, wait_timeout)
+        results, wall, watch = _tune("teachers", wide, spec, where, False, wide_footprint, wait_timeout)
         if watch.timed_out:
             raise _stopped_waiting(command, watch)
         failed = [r for r in results if r.error is not None]
@@ -255,7 +269,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, job, footprint, 
     restore = resume and tune.Tuner.can_restore(str(tune_dir / "grid"))
     if resume and not restore:
         log.info("%s: no grid state to restore in %s; starting the grid (finished runs are kept)", spec.name, tune_dir)
-    results, wall, watch = _tune("grid", runs, spec, job, restore, footprint, wait_timeout)
+    results, wall, watch = _tune("grid", runs, spec, where, restore, footprint, wait_timeout)
     if watch.timed_out:
         raise _stopped_waiting(command, watch)
     unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]

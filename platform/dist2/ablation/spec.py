@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from dist2.artifacts import CONFIG, WEIGHTS
 from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, read_yaml, validate
 from dist2.errors import UserError
 from dist2.methods import ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_alias, resolve_strategies
@@ -111,9 +112,6 @@ class Run:
     cfg: ExperimentConfig
     kind: str  # "train" (a teacher) or "distill" (a student cell: the baseline too, method "student")
     params: dict[str, str]
-
-    def as_job(self) -> dict:
-        return {"cfg": self.cfg.model_dump(mode="json", by_alias=True), "kind": self.kind, "params": self.params}
 
 
 def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
@@ -236,8 +234,8 @@ def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[R
                            "lambda_feat": float(cell["lambda_feat"] or 1.0)}
                 update = {"name": name, "seed": int(cell["seed"]), "output_dir": str(spec.output_dir / spec.name),
                           "ray": _ray_section(spec.resources), "distill": distill,
-                          "teacher": {"config": str(teacher.cfg.run_dir / "config.yaml"),
-                                      "checkpoint": str(teacher.cfg.run_dir / "model.pth"),
+                          "teacher": {"config": str(teacher.cfg.run_dir / CONFIG),
+                                      "checkpoint": str(teacher.cfg.run_dir / WEIGHTS),
                                       "min_mAP": spec.teacher_min_mAP}}
                 cfg = _resolve(pair.student, spec.set, str(source), update)
                 if cfg.model.detector != teacher.cfg.model.detector:

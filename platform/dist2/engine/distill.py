@@ -8,6 +8,7 @@ from dist2.distill.distiller import Distiller
 from dist2.distill.teacher import load_teacher, require_distill_sections
 from dist2.distill.teacher_head import teacher_head_metrics
 from dist2.engine.loop import Task, seed_epoch
+from dist2.methods import TEACHER_MAP
 from dist2.modeling import build_detector
 
 
@@ -24,7 +25,7 @@ def build_distill_task(cfg: ExperimentConfig, device):
     def extra_eval(dataset):
         trained = distiller.adapters["N2N"] if "N2N" in distiller.adapters else None
         return {**teacher_head_metrics(student, teacher, trained, train_ds, dataset, device, cfg.train.batch_size),
-                "teacher_mAP": teacher_map}  # beside the student's, as the paper's tables show it
+                TEACHER_MAP: teacher_map}  # beside the student's, as the paper's tables show it
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.
     task = Task(module=distiller, deploy=student, extra_eval=extra_eval,

@@ -1,3 +1,3 @@
-from dist2.evaluation.coco_eval import METRIC_KEYS, coco_metrics, evaluate, evaluate_detections, predict
+from dist2.evaluation.coco_eval import coco_metrics, evaluate, evaluate_detections, predict
 
-__all__ = ["METRIC_KEYS", "coco_metrics", "evaluate", "evaluate_detections", "predict"]
+__all__ = ["coco_metrics", "evaluate", "evaluate_detections", "predict"]

@@ -14,9 +14,7 @@ from torch.utils.data import DataLoader
 
 from dist2 import distributed
 from dist2.data.coco import CocoDetection, collate
-
-# COCOeval.stats[0:6], in this order.
-METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+from dist2.methods import COCO_METRICS  # COCOeval.stats[0:6], in this order
 
 
 def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
@@ -25,7 +23,7 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
     A metric COCO cannot define (no ground truth in that size range) is NaN; no detections at all is 0.
     """
     if not results:
-        return {k: 0.0 for k in METRIC_KEYS}
+        return {k: 0.0 for k in COCO_METRICS}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -33,7 +31,7 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = zip(METRIC_KEYS, evaluator.stats[:6], strict=True)
+    stats = zip(COCO_METRICS, evaluator.stats[:6], strict=True)
     return {k: (100.0 * float(v) if v >= 0 else math.nan) for k, v in stats}
 
 

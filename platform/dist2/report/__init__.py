@@ -14,10 +14,10 @@ import pandas as pd
 from dist2 import tracking
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
-from dist2.methods import TEACHER_HEAD_METRICS
+from dist2.methods import COCO_METRICS, TEACHER_HEAD_METRICS
 from dist2.report import paper, plots, tables
 
-METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", *TEACHER_HEAD_METRICS)
+METRICS = (*COCO_METRICS, *TEACHER_HEAD_METRICS)
 TITLES = {
     "table1": "Table 1 — methods (imitation strategy in brackets)",
     "table2": "Table 2 — one imitation strategy at a time, with DI",

@@ -1,0 +1,118 @@
+"""A run's files, in one place: its epoch checkpoints and its run folder.
+
+Every epoch writes a checkpoint folder `epoch_NNNN/` (config.yaml, model.pth, resume.pth, metrics.json) under
+storage_path/name, by default the run folder itself; metrics.json is written last and atomically, so a folder that
+has it is complete. When the run ends, the last checkpoint's files are copied into the run folder (output_dir/name),
+which is what users, `dist2 eval` and the ablation's teacher cache read.
+
+`RunDir` answers the questions a driver and its workers ask of these files: where to continue from (the newest
+complete checkpoint, or Ray's if that is newer), whether the run has finished, and whether it trained to its last
+epoch without being closed (a crash between the last checkpoint and the run's end: it is closed, not retrained).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from dist2 import checkpoint
+from dist2.artifacts import CONFIG, METRICS, RESUME, WEIGHTS
+from dist2.config import ExperimentConfig, flatten
+from dist2.errors import UserError
+
+FINAL_FILES = (CONFIG, WEIGHTS, RESUME, METRICS)
+# The only settings a run may change when it continues: its length and its resources.
+CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.")
+
+
+def read_record(folder: Path) -> dict:
+    """A checkpoint's (or run folder's) metrics.json: {"history", "final", "mlflow_run_id"}."""
+    return json.loads((Path(folder) / METRICS).read_text())
+
+
+def write_checkpoint(folder: Path, weights: dict, state: dict, cfg: dict, run_id: str) -> None:
+    """One epoch's checkpoint folder; metrics.json last and atomically, so that a folder with it is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    checkpoint.atomic_save(weights, folder / WEIGHTS)
+    checkpoint.atomic_save(state, folder / RESUME)
+    history = state["history"]
+    tmp = folder / (METRICS + ".tmp")
+    tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id}, indent=1))
+    os.replace(tmp, folder / METRICS)
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _epoch(folder: Path | None) -> int:
+    return read_record(folder)["final"]["epoch"] if folder is not None else 0
+
+
+class RunDir:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.folder = cfg.run_dir  # the final files
+        # The epoch checkpoints, when they are on a file system this process sees (not s3://...).
+        local = "://" not in cfg.storage_path
+        self.checkpoints = Path(cfg.storage_path).absolute() / cfg.name if local else None
+
+    def latest(self) -> Path | None:
+        """The newest complete epoch checkpoint folder, or None."""
+        found = sorted(self.checkpoints.glob(f"epoch_*/{METRICS}")) if self.checkpoints is not None else []
+        return found[-1].parent if found else None
+
+    def newest(self, other: Path | None) -> Path | None:
+        """The newer of `other` (e.g. the checkpoint Ray hands a restarted worker group) and `latest()`: Ray only
+        knows a checkpoint once its controller has registered the report, which a worker killed right after the
+        checkpoint was written never lets it do."""
+        latest = self.latest()
+        return other if _epoch(other) > _epoch(latest) else latest
+
+    def epoch_folder(self, epoch: int) -> Path:
+        return self.checkpoints / epoch_name(epoch)
+
+    def prune(self, keep: int) -> None:
+        for old in sorted(self.checkpoints.glob("epoch_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def finished(self) -> dict | None:
+        """The run folder's record if the run has finished all its epochs."""
+        record = read_record(self.folder) if (self.folder / METRICS).is_file() else None
+        return record if record and record["final"]["epoch"] >= self.cfg.train.epochs else None
+
+    def trained(self) -> dict | None:
+        """The record of a run that trained to its last epoch, whether or not its run folder was filled (copied in
+        from the newest checkpoint here if not); None for a run still to (continue to) train."""
+        if self.finished() is None:
+            latest = self.latest()
+            if latest is None or _epoch(latest) < self.cfg.train.epochs:
+                return None
+            self.copy_final(latest)
+        return self.finished()
+
+    def copy_final(self, folder: Path) -> None:
+        """A checkpoint folder's files into the run folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name in FINAL_FILES:
+            shutil.copyfile(Path(folder) / name, self.folder / name)
+
+    def check_same_experiment(self) -> None:
+        """A run continues only with the same experiment: its schedule length and its resources may change,
+        nothing else."""
+        latest = self.latest()
+        saved = latest / CONFIG if latest else None
+        if saved is None or not saved.is_file():
+            return
+        before = flatten(ExperimentConfig.model_validate(yaml.safe_load(saved.read_text())))
+        now = flatten(self.cfg)
+        changed = sorted(k for k in before.keys() | now.keys()
+                         if before.get(k) != now.get(k) and not k.startswith(CONTINUABLE))
+        if changed:
+            raise UserError(f"{self.cfg.name}: a run of this name exists in {self.folder} with a different config "
+                            f"({', '.join(changed[:8])}); pick another name or delete that folder")
