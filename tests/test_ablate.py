@@ -225,6 +225,9 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
                              cluster["address"]], env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "no grid state to restore" not in second.stderr  # Tuner.restore, not a fresh grid
+    # Only dist2's lines: no Tune configuration box or TensorBoard hint, no Ray Train report lines.
+    for noise in ("Configuration for experiment", "TensorBoard", "Reporting training result", "PlacementGroupCleaner"):
+        assert noise not in second.stderr + second.stdout, noise
 
     client, runs = _runs(uri, "resumegrid")
     trials = [r for r in runs if r.data.params.get("method") not in (None, "teacher")]

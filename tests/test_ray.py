@@ -59,6 +59,10 @@ def test_two_worker_distillation_is_one_mlflow_run_and_evaluates_like_one_proces
     cfg_path = write_config(tmp_path / "d.yaml", cfg)
     result = run_cli("distill", cfg_path, "--num-workers", "2")
     assert result.returncode == 0, result.stderr
+    # One line per epoch from rank 0, none of Ray Train's report, checkpoint or placement-group cleaner lines.
+    assert len(re.findall(r"\bepoch \d: ", result.stderr)) == 2, result.stderr
+    for noise in ("Reporting training result", "Checkpoint successfully created", "PlacementGroupCleaner"):
+        assert noise not in result.stderr, noise
     run_dir = tmp_path / "runs/student_di"
     history = read_json(run_dir / "metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]

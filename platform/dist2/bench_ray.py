@@ -65,7 +65,7 @@ def _run_variant(variant: int, path: str, overrides: list[str], tmp: str, out: s
     else:
         address = None
         if variant >= 2:  # a worker group even for one worker: the local Ray a run would start, started here
-            from dist2.engine.launch import start_ray
+            from dist2.engine.local_ray import start_ray
 
             start_ray()
             address = "auto"

@@ -33,7 +33,8 @@ from dist2.ablation import scheduling
 from dist2.ablation.scheduling import Footprint, LiveCapacity
 from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
-from dist2.engine.launch import launch, start_ray
+from dist2.engine.launch import launch
+from dist2.engine.local_ray import start_ray
 from dist2.engine.rundir import RunDir
 from dist2.errors import RunFailed, UserError, WaitedTooLong
 from dist2.methods import COCO_METRICS, METHODS, TEACHER_HEAD_METRICS, TEACHER_MAP
@@ -198,6 +199,9 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) ->
 def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
            wait_timeout: float | None = None) -> int:
     spec = load_ablation(path, overrides)
+    # Tune's legacy reporter at verbose=0 prints nothing: no configuration box and TensorBoard hint per phase
+    # (the Progress callback prints dist2's progress lines).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     source = Path(path).absolute()
     teachers = teacher_runs(spec, source)
     runs = grid_runs(spec, source, teachers)

@@ -18,33 +18,12 @@ from pathlib import Path
 from dist2 import tracking
 from dist2.artifacts import CONFIG, METRICS, WEIGHTS
 from dist2.config import ExperimentConfig
+from dist2.engine.local_ray import start_ray
 from dist2.engine.rundir import RunDir, read_record
 from dist2.engine.worker import Job, run_worker
 from dist2.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
-
-LOCAL_RAY_TRAIN_SETTINGS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-OBJECT_STORE_BYTES = 256 * 2**20  # the local Ray's object store: the workers pass almost nothing through it
-
-
-def start_ray(address: str | None = None):
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # A Ray just for this run: no preemption watcher (nothing preempts a laptop), no print patching (it
-        # defeats silencing pycocotools), and a faster controller poll so that the run ends sooner.
-        for key, value in LOCAL_RAY_TRAIN_SETTINGS.items():
-            os.environ.setdefault(key, value)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 log_to_driver=True)
-
 
 def _scaling(cfg: ExperimentConfig):
     """(ScalingConfig, torch threads per worker) for a worker group on the connected cluster."""
@@ -68,7 +47,7 @@ def _scaling(cfg: ExperimentConfig):
 def _fit_on_ray(cfg: ExperimentConfig, run: RunDir, job: Job, address: str | None) -> dict | None:
     """Run the workers as a TorchTrainer worker group, then copy its final checkpoint into the run folder;
     returns rank 0's failure record or None."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     start_ray(address)
@@ -79,7 +58,10 @@ def _fit_on_ray(cfg: ExperimentConfig, run: RunDir, job: Job, address: str | Non
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             # Ray Train's own INFO lines (every report, every checkpoint, the worker list) are for
+                             # Ray's developers; dist2 prints one line per epoch.
+                             logging_config=LoggingConfig(log_level="WARNING")))
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
