@@ -1,8 +1,11 @@
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,3 +133,116 @@ def write_ablation(path: Path, pair: dict, output_dir: Path, grid: list, **extra
             "grid": grid, **extra}
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+# ---------------------------------------------------------------- services shared by the whole session
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (pgserver: PostgreSQL's own binaries from PyPI, in the dev extra; as root it runs
+    them as its own system user) with an empty `mlflow` database; yields its URI (a Unix socket)."""
+    import pgserver
+
+    home = Path(tempfile.mkdtemp(prefix="dist2-pg-"))  # not under pytest's root-only folder: postgres reads it
+    server = pgserver.get_server(home / "data", cleanup_mode="stop")
+    try:
+        server.psql("CREATE DATABASE mlflow;")
+        yield server.get_uri("mlflow")
+    finally:
+        server.cleanup()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def compose_tracking_server() -> dict:
+    """docker/compose.yaml's `mlflow server`: its options (flag -> value) and the host:port its nodes call it by."""
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    args = shlex.split(compose["services"]["mlflow"]["command"])
+    assert args[:2] == ["mlflow", "server"]
+    return {"options": dict(zip(args[2::2], args[3::2], strict=True)),
+            "client_host": compose["x-node"]["environment"]["MLFLOW_TRACKING_URI"].removeprefix("http://")}
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory) -> dict:
+    """The deployment's tracking server, for every test that needs one that stays up: a real `mlflow server` on
+    the PostgreSQL above with compose.yaml's own options (only host, port and stores swapped for test ones)."""
+    swapped = ("--host", "--port", "--backend-store-uri", "--artifacts-destination")
+    kept = [arg for key, value in compose_tracking_server()["options"].items() if key not in swapped
+            for arg in (key, value)]
+    port = free_port()
+    server = start_mlflow_server(port, postgres, tmp_path_factory.mktemp("mlartifacts"), kept)
+    try:
+        yield {"uri": f"http://127.0.0.1:{port}", "port": port}
+    finally:
+        stop(server)
+
+
+NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # the cluster's worker nodes; GPUs declared, not real
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real Ray cluster on loopback (`ray start --head`, token auth on) whose head has no CPU, as on an
+    autoscaling cloud cluster, its dashboard taking jobs. It starts with no worker node: `add_node()` starts the
+    next of NODES (`ray start --address`), `grow()` all that are not up yet. Two 2-CPU workers fit no single node:
+    they span both."""
+    from dist2.bench_cluster import stop_local_cluster
+
+    temp = tmp_path_factory.mktemp("ray")
+    token = "dist2-test-" + os.urandom(8).hex()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    port, dashboard = free_port(), free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # Ray's fixed defaults (the job agent's 52365, the client server's 10001) would collide with any other
+        # Ray on the machine: the job agent would not start, and job submission would never find one.
+        return [f"--dashboard-agent-listen-port={free_port()}"]
+
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                    f"--ray-client-server-port={free_port()}", *own_ports(), *common],
+                   env=env, check=True, capture_output=True, timeout=120)
+    started: list[float] = []  # when each node joined (time.time())
+
+    def add_node() -> float:
+        node = NODES[len(started)]
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *own_ports(), *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        started.append(time.time())
+        return started[-1]
+
+    def grow() -> None:
+        while len(started) < len(NODES):
+            add_node()
+
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+               "ray": ray, "add_node": add_node, "grow": grow, "nodes": started}
+    finally:
+        stop_local_cluster(port)  # this cluster only: never another Ray on the machine
+
+
+# Eight images, evaluated on themselves: a teacher overfitted to them in seconds scores well above zero, which
+# makes "this evaluation == that one" a comparison of real numbers.
+SMALL = {"val_annotations": "annotations/instances_train.json", "val_images": "train", "hflip_prob": 0.0}
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """(a tiny FCOS teacher's YAML, its run folder, the data it overfits), trained once per session through
+    `dist2 train`; its mAP on that data is well above zero."""
+    from dist2.config import SynthConfig
+    from dist2.data.synth import generate
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    root = generate(tmp / "small", SynthConfig(num_train=8, num_val=2, image_size=96, seed=5))
+    cfg = tiny_config(tmp, root, name="teacher", data=SMALL,
+                      train={"epochs": 25, "lr": 0.02, "warmup_iters": 10, "lr_steps": [20], "eval_every": 25})
+    path = write_config(tmp / "teacher.yaml", cfg)
+    result = run_cli("train", path)
+    assert result.returncode == 0, result.stderr
+    assert read_json(tmp / "runs/teacher/metrics.json")["final"]["mAP"] > 5
+    return path, tmp / "runs/teacher", root

@@ -5,92 +5,24 @@ driver is killed, and the ablation file's mistakes."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import yaml
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from dist2.bench_cluster import stop_local_cluster
-
-from conftest import REPO, free_port, run_cli, start_mlflow_server, stop, write_ablation
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A real PostgreSQL server (pgserver: PostgreSQL's own binaries from PyPI, in the dev extra; as root it runs
-    them as its own system user) with an empty `mlflow` database; yields its URI (a Unix socket)."""
-    import pgserver
-
-    home = Path(tempfile.mkdtemp(prefix="dist2-pg-"))  # not under pytest's root-only folder: postgres reads it
-    server = pgserver.get_server(home / "data", cleanup_mode="stop")
-    try:
-        server.psql("CREATE DATABASE mlflow;")
-        yield server.get_uri("mlflow")
-    finally:
-        server.cleanup()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # worker nodes; the GPUs are declared, not real
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, postgres):
-    """A real Ray cluster on loopback (`ray start --head`, token auth on) whose head has no CPU, as on an
-    autoscaling cloud cluster, its dashboard taking jobs, and a real `mlflow server` on the PostgreSQL server.
-    `add_node()` starts the next of NODES (`ray start --address`); `grow()` starts all that are not up yet, so
-    every test can have the full cluster. Two 2-CPU workers fit no single node: they span both."""
-    temp = tmp_path_factory.mktemp("ray")
-    token = "dist2-test-" + os.urandom(8).hex()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    port, dashboard, mlflow_port = free_port(), free_port(), free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
-
-    def own_ports() -> list[str]:
-        # Ray's fixed defaults (the job agent's 52365, the client server's 10001) would collide with any other
-        # Ray on the machine: the job agent would not start, and job submission would never find one.
-        return [f"--dashboard-agent-listen-port={free_port()}"]
-
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                    f"--ray-client-server-port={free_port()}", *own_ports(), *common],
-                   env=env, check=True, capture_output=True, timeout=120)
-    started: list[float] = []  # when each node joined (time.time())
-
-    def add_node() -> float:
-        node = NODES[len(started)]
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *own_ports(), *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        started.append(time.time())
-        return started[-1]
-
-    def grow() -> None:
-        while len(started) < len(NODES):
-            add_node()
-
-    server = start_mlflow_server(mlflow_port, postgres, temp / "mlartifacts")
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-               "ray": ray, "tracking_uri": f"http://127.0.0.1:{mlflow_port}", "add_node": add_node, "grow": grow,
-               "nodes": started}
-    finally:
-        stop(server)
-        stop_local_cluster(port)  # this cluster only: never another Ray on the machine
+from conftest import REPO, run_cli, write_ablation
 
 
 def _runs(uri: str, experiment: str):
+    """Every run of the experiment, soft-deleted ones included (a duplicate run would hide among them)."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    return client, client.search_runs([found.experiment_id]) if found else []
+    return client, client.search_runs([found.experiment_id], run_view_type=ViewType.ALL) if found else []
 
 
 def _poll_runs(uri: str, experiment: str) -> list:
@@ -191,8 +123,9 @@ def test_gpu_trials_take_one_declared_gpu_each_and_get_cuda_visible_devices(clus
 
 
 def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
-    """Kill `dist2 ablate` mid-grid, then --resume: finished trials are not rerun, every trial ends with exactly
-    one MLflow run, each epoch logged once."""
+    """Kill `dist2 ablate` mid-grid, once a trial has finished and another is part-way (its epoch 1 checkpointed),
+    then --resume: finished trials are not rerun, the part-way one continues in its own MLflow run, every trial
+    ends with exactly one MLflow run (deleted ones counted), each epoch logged once."""
     cluster["grow"]()
     ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
@@ -204,18 +137,18 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
                               cluster["address"]], env=env, stdout=(tmp_path / "first.log").open("w"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    finished = []
+    finished, part_way = [], {}
     while time.monotonic() < deadline and first.poll() is None:
-        time.sleep(1)
-        try:
-            _, runs = _runs(uri, "resumegrid")
-        except Exception:  # the store is being created by the driver
-            continue
-        if runs:
-            finished = [r for r in runs if r.info.status == "FINISHED" and r.data.params.get("method") != "teacher"]
-            if finished:
-                break
-    assert finished and first.poll() is None, "no trial finished before the ablation ended: nothing to resume"
+        time.sleep(0.5)
+        grid = _grid(_poll_runs(uri, "resumegrid"))
+        finished = [r for r in grid if r.info.status == "FINISHED"]
+        # A trial between its epochs: epoch 1's checkpoint complete, epoch 2 not yet.
+        part_way = {r.info.run_name: r.info.run_id for r in grid if r.info.status == "RUNNING"
+                    and (Path(r.data.tags["dist2.run_dir"]) / "epoch_0001/metrics.json").is_file()
+                    and not (Path(r.data.tags["dist2.run_dir"]) / "epoch_0002").exists()}
+        if finished and part_way:
+            break
+    assert finished and part_way and first.poll() is None, "no moment with a finished and a part-way trial"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = {r.info.run_name: (r.info.end_time, (Path(r.data.tags["dist2.run_dir"]) / "model.pth").stat().st_mtime)
@@ -238,6 +171,8 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert (student.data.params["strategies"], student.data.params["num_strategies"]) == ("", "0")
     for run in trials:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
+        if run.info.run_name in part_way:  # continued in the run it started in
+            assert run.info.run_id == part_way[run.info.run_name]
         if run.info.run_name in before:
             # finished before the kill: neither trained again nor its MLflow run touched
             weights = Path(run.data.tags["dist2.run_dir"]) / "model.pth"
@@ -247,7 +182,8 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert "teacher(s) (0 to train)" in second.stderr
 
 
-def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, pair, out, tmp_path):
+def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, tracking_server, pair, out,
+                                                                          tmp_path):
     """`ray job submit --working-dir . -- dist2 ablate ...` with Ray's token auth: the teacher is trained once,
     the trial launches a TorchTrainer whose two workers run on both nodes, and every run lands in the
     PostgreSQL-backed MLflow server with the schema. The teacher (same config as the resume test's, other
@@ -259,7 +195,7 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
                               resources={"num_workers": 2, "cpus_per_worker": 2, "gpus_per_worker": 1})
     # The README's command, with this interpreter's dist2 (the test's venv need not be on PATH).
     command = [cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO), "--",
-               sys.executable, "-m", "dist2", "ablate", str(ablation), "--tracking-uri", cluster["tracking_uri"]]
+               sys.executable, "-m", "dist2", "ablate", str(ablation), "--tracking-uri", tracking_server["uri"]]
     for _ in range(30):  # a node's job agent can still be starting on a busy machine: Ray says to try again
         job = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in job.stderr:
@@ -269,7 +205,7 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
     assert "succeeded" in job.stdout.lower()
     assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
 
-    client, runs = _runs(cluster["tracking_uri"], "jobgrid")
+    client, runs = _runs(tracking_server["uri"], "jobgrid")
     by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
     assert sorted(by_method) == ["di", "teacher"]
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -94,33 +94,18 @@ def _status(url: str, host: str) -> int:
         return exc.code
 
 
-def test_the_compose_tracking_server_accepts_the_host_names_its_clients_send(tmp_path):
+def test_the_compose_tracking_server_accepts_the_host_names_its_clients_send(tracking_server):
     """`mlflow server` with the compose file's own options (backend and artifact store swapped for test ones, on
-    loopback): the nodes' `Host: mlflow:5000` and the published port's localhost are served; any other host name
-    is refused as MLflow's DNS-rebinding guard refuses it."""
-    import shlex
+    loopback; the session's tracking server): the nodes' `Host: mlflow:5000` and the published port's localhost
+    are served; any other host name is refused as MLflow's DNS-rebinding guard refuses it."""
+    from conftest import compose_tracking_server
 
-    from conftest import free_port, start_mlflow_server, stop
-
-    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    args = shlex.split(compose["services"]["mlflow"]["command"])
-    assert args[:2] == ["mlflow", "server"]
-    options = dict(zip(args[2::2], args[3::2], strict=True))
-    client_host = compose["x-node"]["environment"]["MLFLOW_TRACKING_URI"].removeprefix("http://")
-    assert client_host == "mlflow:5000"
-    port = free_port()
-    kept = [arg for key, value in options.items()
-            if key not in ("--host", "--port", "--backend-store-uri", "--artifacts-destination")
-            for arg in (key, value)]
-    assert "--allowed-hosts" in kept
-    server = start_mlflow_server(port, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", kept)
-    try:
-        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert _status(api, client_host) == 200
-        assert _status(api, f"localhost:{port}") == 200
-        assert _status(api, "attacker.example:5000") == 403
-    finally:
-        stop(server)
+    compose = compose_tracking_server()
+    assert compose["client_host"] == "mlflow:5000" and "--allowed-hosts" in compose["options"]
+    api = f"{tracking_server['uri']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _status(api, compose["client_host"]) == 200
+    assert _status(api, f"localhost:{tracking_server['port']}") == 200
+    assert _status(api, "attacker.example:5000") == 403
 
 
 class _Payload:

@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,8 @@ REPORTED = (*COCO_METRICS, *TEACHER_HEAD_METRICS, TEACHER_MAP, "epoch")  # what 
 
 @dataclass(frozen=True)
 class TrialJob:
-    """One Tune trial: a run of the grid and where it logs (plain data: it is pickled into the trial's config)."""
+    """One Tune trial: a run of the grid and where it logs. Tune's config holds it as a dict (`asdict`: Tune
+    takes dataclasses apart), read back into a TrialJob by the trial."""
     cfg: dict  # the run's experiment (absolute paths)
     kind: str  # "train" (a teacher) or "distill"
     params: dict[str, str]  # the grid's MLflow params
@@ -56,9 +57,9 @@ class TrialJob:
     experiment: str  # the ablation's MLflow experiment
     source: str  # the ablation file, logged as the run's config artifact
 
-    @property
-    def name(self) -> str:
-        return self.cfg["name"]
+
+def _trial_name(trial) -> str:
+    return trial.config["run"]["cfg"]["name"]
 
 
 def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str) -> TrialJob:
@@ -70,7 +71,7 @@ def _trial(config: dict) -> None:
     # The trial's epoch lines reach the driver's console through Ray's log forwarding.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    job: TrialJob = config["run"]
+    job = TrialJob(**config["run"])
     started = time.monotonic()
     cfg = ExperimentConfig.model_validate(job.cfg)
     if cfg.ray.num_workers == 1:
@@ -96,7 +97,7 @@ class Progress(tune.Callback):
     def _line(self, trials, trial=None, event=""):
         count = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "PENDING", "ERROR")}
         best = f"; best mAP {self.best[0]:.2f} ({self.best[1]})" if self.best else ""
-        name = f" [{event} {trial.config['run'].name}]" if trial is not None else ""
+        name = f" [{event} {_trial_name(trial)}]" if trial is not None else ""
         pending = self.total - count["TERMINATED"] - count["RUNNING"] - count["ERROR"]  # Tune adds trials lazily
         log.info("%s: %d/%d done, %d running, %d pending, %d failed%s%s", self.phase, count["TERMINATED"],
                  self.total, count["RUNNING"], pending, count["ERROR"], best, name)
@@ -108,7 +109,7 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         mAP = (trial.last_result or {}).get("mAP")
         if mAP is not None and (self.best is None or mAP > self.best[0]):
-            self.best = (mAP, trial.config["run"].name)
+            self.best = (mAP, _trial_name(trial))
         self._line(trials, trial, "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -160,11 +161,11 @@ def _tune(phase: str, runs: list[Run], spec: AblationConfig, where: dict, restor
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"run": tune.grid_search([_trial_job(run, **where) for run in _longest_first(runs)])},
+            param_space={"run": tune.grid_search([asdict(_trial_job(run, **where))
+                                                  for run in _longest_first(runs)])},
             # reuse_actors: a trial actor that imported torch serves the next trial (~10 s saved per trial here)
             tune_config=tune.TuneConfig(search_alg=LiveCapacity(footprint, spec.max_concurrent), reuse_actors=True,
-                                        trial_name_creator=lambda t: t.config["run"].name,
-                                        trial_dirname_creator=lambda t: t.config["run"].name),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=phase, storage_path=str(path), verbose=0,
                                       callbacks=[Progress(key, len(runs)), scheduling.Watch(key)]))
     log.info("%s: %d trial(s) of %s each, as many at once as the cluster holds%s", key, len(runs), footprint,
