@@ -18,11 +18,10 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, run_cli, write_ablation
 
 
-def _runs(uri: str, experiment: str):
-    """Every run of the experiment, soft-deleted ones included (a duplicate run would hide among them)."""
+def _runs(uri: str, experiment: str, view: int = ViewType.ACTIVE_ONLY):
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    return client, client.search_runs([found.experiment_id], run_view_type=ViewType.ALL) if found else []
+    return client, client.search_runs([found.experiment_id], run_view_type=view) if found else []
 
 
 def _poll_runs(uri: str, experiment: str) -> list:
@@ -171,8 +170,10 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert (student.data.params["strategies"], student.data.params["num_strategies"]) == ("", "0")
     for run in trials:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
-        if run.info.run_name in part_way:  # continued in the run it started in
+        if run.info.run_name in part_way:  # continued in the run it started in, and no other was ever opened
             assert run.info.run_id == part_way[run.info.run_name]
+            assert [r.info.run_id for r in _runs(uri, "resumegrid", ViewType.ALL)[1]
+                    if r.info.run_name == run.info.run_name] == [run.info.run_id]
         if run.info.run_name in before:
             # finished before the kill: neither trained again nor its MLflow run touched
             weights = Path(run.data.tags["dist2.run_dir"]) / "model.pth"
