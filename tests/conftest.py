@@ -63,10 +63,10 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `dist2` entry point in a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "dist2", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ}, timeout=600)
+                          cwd=cwd, env=env or {**os.environ}, timeout=600)
 
 
 def read_json(path: Path):

@@ -53,14 +53,14 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     assert not cluster["nodes"], "this test runs first, on the bare head"
     ablation = write_ablation(tmp_path / "growgrid.yaml", pair, out,
                               [{"method": ["student"], "seed": [0, 1]}, {"method": ["di"], "num_strategies": [1, 2]}],
-                              set=["train.epochs=3"], teacher_set=["train.epochs=1"],  # the module's teacher
+                              set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
                               resources={"num_workers": 1, "cpus_per_worker": 2})
     uri = f"sqlite:///{out / 'mlflow.db'}"
     log = tmp_path / "ablate.log"
     driver = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
                                cluster["address"]], env=cluster["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        time.sleep(20)
+        time.sleep(12)
         assert driver.poll() is None, log.read_text()[-3000:]  # waiting, not refused
         assert not _poll_runs(uri, "growgrid")  # and nothing started
         cluster["add_node"]()

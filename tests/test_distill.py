@@ -176,11 +176,9 @@ def test_baseline_losses_zero_for_identical_features_positive_otherwise(name):
     assert all(v.item() > 1e-4 for v in other.values()), other
 
 
-def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
-    teacher_yaml = write_config(tmp_path / "teacher.yaml", tiny_config(tmp_path, synth_root, name="teacher",
-                                                                       train={"epochs": 1, "lr_steps": []}))
-    assert run_cli("train", teacher_yaml).returncode == 0
-    checkpoint = tmp_path / "runs/teacher/model.pth"
+def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root, teacher):
+    teacher_yaml, teacher_dir, _ = teacher  # the session's teacher (trained on other images of the same classes)
+    checkpoint = teacher_dir / "model.pth"
     cfg_path = write_config(tmp_path / "d.yaml", distill_config(tmp_path, synth_root, teacher_yaml, checkpoint))
 
     result = run_cli("distill", cfg_path, "--set", "teacher.min_mAP=99")
@@ -202,7 +200,7 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root):
     weights = torch.load(run_dir / "model.pth", weights_only=True)
     student = build_detector(ModelConfig(detector="fcos", backbone="mobilenet_v2", width_mult=0.5, channels=32),
                              DataConfig(**DATA), {c: str(c) for c in range(6)})
-    assert student.load_state_dict(weights, strict=True)
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in student.state_dict().items()}
     resume = torch.load(run_dir / "resume.pth", weights_only=True)["model"]
     assert any(k.startswith("adapters.N2N.") for k in resume) and not any(k.startswith("teacher") for k in resume)
 

@@ -54,3 +54,10 @@ def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
 def build_val_dataset(cfg: DataConfig) -> CocoDetection:
     root = resolve_data_root(cfg)
     return CocoDetection(root / cfg.val_annotations, root / cfg.val_images, eval_transforms(cfg))
+
+
+def build_unaugmented_train_dataset(cfg: DataConfig) -> CocoDetection:
+    """The training images as evaluation reads images (no random resize or flip): a fit on training images made
+    from it gives the same result during training and in `dist2 eval` (the teacher-head probe)."""
+    root = resolve_data_root(cfg)
+    return CocoDetection(root / cfg.train_annotations, root / cfg.train_images, eval_transforms(cfg))

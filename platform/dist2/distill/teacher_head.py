@@ -3,7 +3,8 @@ Feature imitation alone can make the features close while this stays near zero. 
 
 - `teacher_head_probe_mAP`, for every run that has a teacher (the student baseline and every method): f_trans is
   a least-squares probe, the per-level 1x1 convolution that maps the student's neck to the teacher's, fitted on
-  training images once per evaluation. The same procedure for every run: rows are comparable.
+  the first training images (unaugmented, so the fit is the same during training and in `dist2 eval`) once per
+  evaluation. The same procedure for every run: rows are comparable.
 - `teacher_head_mAP`, only for a run that trains its own N2N adapter (FI, DI, Dist2 with N2N): f_trans is that
   adapter. DI-N2N trains it *through* the teacher's head, so it scores high by construction; read it as what
   the run itself achieved, not as a comparison across methods.
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from dist2 import checkpoint
 from dist2.checkpoint import load_weights
 from dist2.config import ExperimentConfig
-from dist2.data.build import build_datasets
+from dist2.data.build import build_unaugmented_train_dataset, build_val_dataset
 from dist2.data.coco import CocoDetection, collate
 from dist2.distill.adapters import Adapter
 from dist2.distill.distiller import level_channels
@@ -85,10 +86,11 @@ def teacher_head_map(student: StagedDetector, teacher: StagedDetector, adapter: 
 
 
 def teacher_head_metrics(student: StagedDetector, teacher: StagedDetector, trained: Adapter | None,
-                         train_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
+                         probe_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
                          batch_size: int = 8) -> dict[str, float]:
-    """{PROBE_METRIC: ...} for every run, plus {TRAINED_METRIC: ...} with the run's trained N2N adapter."""
-    probe = fit_linear_probe(student, teacher, train_ds, device)
+    """{PROBE_METRIC: ...} for every run, plus {TRAINED_METRIC: ...} with the run's trained N2N adapter. The probe
+    is fitted on `probe_ds`: training images without augmentation (`build_unaugmented_train_dataset`)."""
+    probe = fit_linear_probe(student, teacher, probe_ds, device)
     metrics = {PROBE_METRIC: teacher_head_map(student, teacher, probe, val_ds, device, batch_size)}
     if trained is not None:
         metrics[TRAINED_METRIC] = teacher_head_map(student, teacher, trained, val_ds, device, batch_size)
@@ -100,7 +102,7 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
     teacher_head_mAP when the checkpoint (a distillation resume state) brings its trained N2N adapter."""
     require_distill_sections(cfg, "--teacher-head")
     device = resolve_device(cfg.train.device)
-    train_ds, val_ds = build_datasets(cfg.data)
+    val_ds = build_val_dataset(cfg.data)
     teacher, _ = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, val_ds.categories)
     load_weights(student, path)
@@ -113,5 +115,6 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
         adapter.load_state_dict(trained)
         adapter.to(device)
     metrics = evaluate(student, val_ds, device, cfg.train.batch_size)
-    return {**metrics, **teacher_head_metrics(student, teacher, adapter, train_ds, val_ds, device,
+    probe_ds = build_unaugmented_train_dataset(cfg.data)
+    return {**metrics, **teacher_head_metrics(student, teacher, adapter, probe_ds, val_ds, device,
                                               cfg.train.batch_size)}

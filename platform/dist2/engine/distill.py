@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dist2.config import ExperimentConfig
-from dist2.data.build import build_datasets
+from dist2.data.build import build_datasets, build_unaugmented_train_dataset
 from dist2.distill.distiller import Distiller
 from dist2.distill.teacher import load_teacher, require_distill_sections
 from dist2.distill.teacher_head import teacher_head_metrics
@@ -18,13 +18,14 @@ def build_distill_task(cfg: ExperimentConfig, device):
     require_distill_sections(cfg, "dist2 distill")
     seed_epoch(cfg.seed, -1)
     train_ds, val_ds = build_datasets(cfg.data)
+    probe_ds = build_unaugmented_train_dataset(cfg.data)
     teacher, teacher_map = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, train_ds.categories)
     distiller = Distiller(student, teacher, cfg.distill).to(device)
 
     def extra_eval(dataset):
         trained = distiller.adapters["N2N"] if "N2N" in distiller.adapters else None
-        return {**teacher_head_metrics(student, teacher, trained, train_ds, dataset, device, cfg.train.batch_size),
+        return {**teacher_head_metrics(student, teacher, trained, probe_ds, dataset, device, cfg.train.batch_size),
                 TEACHER_MAP: teacher_map}  # beside the student's, as the paper's tables show it
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.
