@@ -69,6 +69,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           cwd=cwd, env=env or {**os.environ}, timeout=600)
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`dist2 ARGS` through cli.main in this process: (exit code, stderr). For the many error cases of one command
+    (each subprocess costs seconds of imports); every such test also runs one case through `run_cli`."""
+    from dist2.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

@@ -7,7 +7,7 @@ from dist2.data.coco import load_coco
 from dist2.evaluation import coco_metrics
 from dist2.methods import COCO_METRICS
 
-from conftest import read_json, run_cli
+from conftest import cli_in_process, read_json, run_cli
 
 
 def _gt_as_results(ann_file, shift=0.0):
@@ -58,14 +58,18 @@ def test_cli_eval_predictions_file(tmp_path, synth_root):
     ("{\"a\": 1}", "expected a JSON list"),
     ("not json", "not a readable JSON file"),
 ])
-def test_cli_eval_bad_predictions(tmp_path, synth_root, content, message):
+def test_cli_eval_bad_predictions(tmp_path, synth_root, capsys, content, message):
     preds = tmp_path / "preds.json"
     preds.write_text(content)
-    result = run_cli("eval", "--annotations", synth_root / "annotations/instances_val.json",
-                     "--predictions", preds, "--json", tmp_path / "m.json")
-    assert result.returncode == 2
-    assert f"{preds}: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+    args = ("eval", "--annotations", synth_root / "annotations/instances_val.json", "--predictions", preds,
+            "--json", tmp_path / "m.json")
+    code, err = cli_in_process(capsys, *args)
+    assert code == 2
+    assert f"{preds}: " in err and message in err and "Traceback" not in err
     assert not (tmp_path / "m.json").exists()
+    if content == "not json":  # once as a user meets it: the installed command
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.strip() == err.strip()
 
 
 def _broken(ann: dict, case: str) -> str:
@@ -96,7 +100,7 @@ def _broken(ann: dict, case: str) -> str:
 
 @pytest.mark.parametrize("case", ["bbox of three", "bbox of text", "unknown image", "area of text",
                                   "iscrowd of text", "duplicate annotation id", "duplicate image id"])
-def test_cli_eval_malformed_annotations(tmp_path, synth_root, case):
+def test_cli_eval_malformed_annotations(tmp_path, synth_root, capsys, case):
     source = synth_root / "annotations/instances_val.json"
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps(_gt_as_results(source)))
@@ -104,8 +108,13 @@ def test_cli_eval_malformed_annotations(tmp_path, synth_root, case):
     message = _broken(ann, case)
     bad = tmp_path / "instances.json"
     bad.write_text(json.dumps(ann))
-    result = run_cli("eval", "--annotations", bad, "--predictions", preds, "--json", tmp_path / "m.json")
-    assert result.returncode == 2, result.stderr
-    assert f"{bad}: {message}" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    args = ("eval", "--annotations", bad, "--predictions", preds, "--json", tmp_path / "m.json")
+    code, err = cli_in_process(capsys, *args)
+    assert code == 2, err
+    assert f"{bad}: {message}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json").exists()
+    if case == "bbox of text":  # once as a user meets it: the installed command, its exit code and one line
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.strip() == err.strip()
     assert not (tmp_path / "m.json").exists()
