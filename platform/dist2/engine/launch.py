@@ -25,6 +25,7 @@ from dist2.errors import RunFailed, UserError
 
 log = logging.getLogger(__name__)
 
+
 def _scaling(cfg: ExperimentConfig):
     """(ScalingConfig, torch threads per worker) for a worker group on the connected cluster."""
     import ray
