@@ -197,7 +197,10 @@ def delete_run(uri: str, run_id: str) -> None:
 
 
 def run_status(uri: str, run_id: str) -> str:
-    return quick_client(uri).get_run(run_id).info.status
+    try:
+        return quick_client(uri).get_run(run_id).info.status
+    except Exception as exc:  # unreachable, or a store that does not hold the run: one line, not a traceback
+        raise unusable(uri, exc) from None
 
 
 def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:

@@ -71,7 +71,10 @@ def _trial(config: dict) -> None:
     # The trial's epoch lines reach the driver's console through Ray's log forwarding.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    job = TrialJob(**config["run"])
+    fields = dict(config["run"])
+    if "uri" in fields:  # Tune state saved before TrialJob named it tracking_uri: such a grid resumes all the same
+        fields["tracking_uri"] = fields.pop("uri")
+    job = TrialJob(**fields)
     started = time.monotonic()
     cfg = ExperimentConfig.model_validate(job.cfg)
     if cfg.ray.num_workers == 1:

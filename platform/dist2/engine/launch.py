@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -68,8 +69,11 @@ def _fit_on_ray(cfg: ExperimentConfig, run: RunDir, job: Job, address: str | Non
     except TrainingFailedError as exc:
         raise RunFailed(f"{cfg.name}: training failed: {str(exc).splitlines()[0]}") from None
     if result.return_value is None:
-        with result.checkpoint.as_directory() as folder:  # anywhere Ray stores checkpoints (e.g. s3://)
-            run.copy_final(run.newest(Path(folder)))
+        # Ray's last registered checkpoint (anywhere Ray stores them, e.g. s3://), or none: a group restarted from
+        # the run's own newest checkpoint after its last epoch reports nothing more.
+        registered = result.checkpoint
+        with registered.as_directory() if registered else contextlib.nullcontext() as folder:
+            run.copy_final(run.newest(Path(folder) if folder else None))
     return result.return_value
 
 
@@ -106,12 +110,12 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
         in_process = address is None and not os.environ.get("RAY_ADDRESS")
     local = in_process and cfg.ray.num_workers == 1 and run.checkpoints is not None
     latest = run.latest()
-    previous_id = read_record(latest)["mlflow_run_id"] if latest else None
+    previous = read_record(latest) if latest else None
+    previous_id = previous and previous["mlflow_run_id"]
     run_id = tracking.open_run(uri, cfg, kind, previous_id, experiment,
                                {"dist2.config": str(source), **(tags or {})}, params or {})
-    if latest:
-        log.info("%s: continuing after epoch %d of %d", cfg.name, read_record(latest)["final"]["epoch"],
-                 cfg.train.epochs)
+    if previous:
+        log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
     job = Job(cfg=cfg.model_dump(mode="json", by_alias=True), kind=kind, tracking_uri=uri, run_id=run_id,
               local=local)
     try:
@@ -137,21 +141,21 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
     if failure is not None:
         _close_failed(uri, run_id, run, {f"dist2.{k}": str(v) for k, v in failure.items()})
         raise RunFailed(f"{cfg.name}: stopped: {failure['failure']}")
-    return close_finished(cfg, source, uri, run_id)
+    return _close_finished(cfg, source, uri, run_id)
 
 
 def _trained_already(cfg: ExperimentConfig, record: dict, source: Path, uri: str, reuse_finished: bool) -> dict:
     """A run that trained to its last epoch: closed now if it stopped before its MLflow run was (a crash, or a
     driver killed between its last checkpoint and the end), else reused or refused."""
     if tracking.run_status(uri, record["mlflow_run_id"]) != "FINISHED":
-        return close_finished(cfg, source, uri, record["mlflow_run_id"])
+        return _close_finished(cfg, source, uri, record["mlflow_run_id"])
     if reuse_finished:
         return record["final"]
     raise UserError(f"{cfg.name}: this run already finished its {cfg.train.epochs} epochs ({cfg.run_dir}); "
                     "pick another name, delete that folder, or raise train.epochs to continue it")
 
 
-def close_finished(cfg: ExperimentConfig, source: Path, uri: str, run_id: str) -> dict:
+def _close_finished(cfg: ExperimentConfig, source: Path, uri: str, run_id: str) -> dict:
     """Log a finished run's missing epochs and its artifacts to MLflow and close it; returns its final metrics."""
     history = read_record(cfg.run_dir)["history"]
     artifacts = [source, cfg.run_dir / CONFIG, cfg.run_dir / WEIGHTS, cfg.run_dir / METRICS]

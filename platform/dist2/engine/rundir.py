@@ -63,9 +63,11 @@ class RunDir:
         self.checkpoints = Path(cfg.storage_path).absolute() / cfg.name if local else None
 
     def latest(self) -> Path | None:
-        """The newest complete epoch checkpoint folder, or None."""
+        """The newest complete epoch checkpoint folder, or None. Complete: every file there (this module writes
+        metrics.json last, but Ray persists a reported folder's files in no fixed order)."""
         found = sorted(self.checkpoints.glob(f"epoch_*/{METRICS}")) if self.checkpoints is not None else []
-        return found[-1].parent if found else None
+        complete = [m.parent for m in found if all((m.parent / name).is_file() for name in FINAL_FILES)]
+        return complete[-1] if complete else None
 
     def newest(self, other: Path | None) -> Path | None:
         """The newer of `other` (e.g. the checkpoint Ray hands a restarted worker group) and `latest()`: Ray only

@@ -59,8 +59,18 @@ def _resume_state(run: RunDir, on_ray: bool) -> dict | None:
 
         offered = ray.train.get_checkpoint()
     with offered.as_directory() if offered is not None else contextlib.nullcontext() as ray_folder:
-        newest = run.newest(Path(ray_folder) if ray_folder else None)
-        return checkpoint.load(newest / RESUME, "resume state") if newest else None
+        registered = Path(ray_folder) if ray_folder else None
+        newest = run.newest(registered)
+        if newest is None:
+            return None
+        try:
+            return checkpoint.load(newest / RESUME, "resume state")
+        except UserError:
+            if registered is None or newest == registered:
+                raise
+            # A folder Ray was still persisting when its worker died (its files land in no fixed order): Ray's
+            # registered checkpoint is complete.
+            return checkpoint.load(registered / RESUME, "resume state")
 
 
 def _placement() -> dict:
