@@ -14,6 +14,7 @@ import platform as host
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -104,11 +105,17 @@ def _tag_placement(logger: tracking.EpochLogger | None, device: torch.device) ->
                          "dist2.cuda_visible_devices": ";".join(p["gpus"] for p in placements)})
 
 
-def _injected_exit(epoch: int, rank: int) -> None:
+def _injected_exit(epoch: int, rank: int, run: RunDir) -> None:
     wanted = os.environ.get(EXIT_AFTER_EPOCH)
     if wanted:
         at_epoch, _, at_rank = wanted.partition(":")
         if epoch == int(at_epoch) and rank == int(at_rank or 0):
+            # Another rank's report can return while rank 0 is still persisting the checkpoint: wait for it to be
+            # complete on disk, so that the exit lands exactly after it.
+            deadline = time.monotonic() + 120
+            while run.checkpoints is not None and run.latest() != run.epoch_folder(epoch) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
             os._exit(1)
 
 
@@ -141,7 +148,7 @@ def run_worker(config: dict) -> dict | None:
             if on_ray:
                 ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=epoch_name(epoch))
-            _injected_exit(epoch, rank)
+            _injected_exit(epoch, rank, run)
             if rank == 0:
                 if on_ray:
                     shutil.rmtree(folder, ignore_errors=True)  # persisted to storage_path by the report
