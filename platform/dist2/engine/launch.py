@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from dist2 import tracking
@@ -56,7 +57,7 @@ def _fit_on_ray(cfg: ExperimentConfig, run: RunDir, job: Job, address: str | Non
     scaling, threads = _scaling(cfg)
     on_gpu = scaling.use_gpu and cfg.train.device != "cpu"
     trainer = TorchTrainer(
-        run_worker, train_loop_config={"job": job.on(use_gpu=on_gpu, threads=threads)}, scaling_config=scaling,
+        run_worker, train_loop_config={"job": replace(job, use_gpu=on_gpu, threads=threads)}, scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),

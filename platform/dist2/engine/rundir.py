@@ -1,8 +1,9 @@
 """A run's files, in one place: its epoch checkpoints and its run folder.
 
 Every epoch writes a checkpoint folder `epoch_NNNN/` (config.yaml, model.pth, resume.pth, metrics.json) under
-storage_path/name, by default the run folder itself; metrics.json is written last and atomically, so a folder that
-has it is complete. When the run ends, the last checkpoint's files are copied into the run folder (output_dir/name),
+storage_path/name, by default the run folder itself; a folder is complete when all four files are there (this
+module writes metrics.json last and atomically; Ray persists a reported folder's files in no fixed order).
+When the run ends, the last checkpoint's files are copied into the run folder (output_dir/name),
 which is what users, `dist2 eval` and the ablation's teacher cache read.
 
 `RunDir` answers the questions a driver and its workers ask of these files: where to continue from (the newest

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,9 +46,6 @@ class Job:
     local: bool  # one worker in the driver's process, no Ray
     use_gpu: bool = False  # the worker computes on the GPU Ray gave it
     threads: int | None = None  # torch threads per worker (its CPUs), None = torch's default
-
-    def on(self, **changes) -> Job:
-        return replace(self, **changes)
 
 
 def _resume_state(run: RunDir, on_ray: bool) -> dict | None:
