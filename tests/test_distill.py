@@ -59,11 +59,13 @@ def test_self_distillation_invariant(data, detector):
         assert losses[f"loss_fi/{strategy}"].item() == pytest.approx(0.0, abs=1e-10)
     teacher_map = evaluate(teacher, val, torch.device("cpu"), 4)["mAP"]
     cpu = torch.device("cpu")
-    assert teacher_head_map(student, teacher, distiller.adapters["N2N"], val, cpu, 4) == pytest.approx(teacher_map)
+    assert teacher_head_map(student, teacher, distiller.adapters["N2N"], val, cpu, 4, "faster_coco_eval") == \
+        pytest.approx(teacher_map)
     # With no trained N2N adapter a least-squares probe is fitted: for a copy of the teacher it reproduces the
     # teacher's features, so the teacher's head scores (almost) the teacher's mAP.
     probe = fit_linear_probe(student, teacher, train, cpu)
-    assert teacher_head_map(student, teacher, probe, val, cpu, 4) == pytest.approx(teacher_map, abs=0.5)
+    assert teacher_head_map(student, teacher, probe, val, cpu, 4, "faster_coco_eval") == \
+        pytest.approx(teacher_map, abs=0.5)
 
 
 def test_teacher_frozen_bit_identical_and_outside_the_optimised_module(data):

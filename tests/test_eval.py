@@ -1,11 +1,12 @@
 import json
 import math
+import random
 
 import pytest
 
 from dist2.data.coco import load_coco
 from dist2.evaluation import coco_metrics
-from dist2.methods import COCO_METRICS
+from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS, EVAL_BACKENDS
 
 from conftest import cli_in_process, read_json, run_cli
 
@@ -21,11 +22,12 @@ def test_perfect_shifted_and_empty_predictions(synth_root):
     ann_file = synth_root / "annotations/instances_val.json"
     coco = load_coco(ann_file)
     perfect = coco_metrics(coco, _gt_as_results(ann_file))
-    assert list(perfect) == list(COCO_METRICS)
+    assert list(perfect) == [*COCO_METRICS, *COCO_RECALLS]
     assert perfect["mAP"] == pytest.approx(100.0) and perfect["AP50"] == pytest.approx(100.0)
+    assert perfect["AR100"] == pytest.approx(100.0)
     shifted = coco_metrics(coco, _gt_as_results(ann_file, shift=4.0))
     assert 0 < shifted["mAP"] < perfect["mAP"] and shifted["APs"] < shifted["APm"]
-    assert coco_metrics(coco, []) == {k: 0.0 for k in COCO_METRICS}
+    assert coco_metrics(coco, []) == {k: 0.0 for k in (*COCO_METRICS, *COCO_RECALLS)}
 
 
 def test_wrong_category_scores_zero(synth_root):
@@ -45,10 +47,77 @@ def test_cli_eval_predictions_file(tmp_path, synth_root):
     result = run_cli("eval", "--annotations", ann_file, "--predictions", preds, "--json", out)
     assert result.returncode == 0, result.stderr
     metrics = read_json(out)
-    assert list(metrics) == list(COCO_METRICS)
-    expected = coco_metrics(load_coco(ann_file), json.loads(preds.read_text()))
-    for k in COCO_METRICS:
-        assert metrics[k] == pytest.approx(expected[k]) or (metrics[k] is None and math.isnan(expected[k]))
+    names = [c["name"] for c in json.loads(ann_file.read_text())["categories"]]
+    assert list(metrics) == [*COCO_METRICS, *COCO_RECALLS, *(CLASS_AP + n for n in names)]
+    expected = coco_metrics(load_coco(ann_file), json.loads(preds.read_text()), "pycocotools", per_class=True)
+    for k, value in expected.items():  # the default backend, through the CLI, equals pycocotools' numbers
+        assert metrics[k] == pytest.approx(value, abs=0.01) or (metrics[k] is None and math.isnan(value)), k
+    result = run_cli("eval", "--annotations", ann_file, "--predictions", preds, "--json", out,
+                     "--backend", "pycocotools")
+    assert result.returncode == 0, result.stderr
+    reference = read_json(out)
+    assert reference.keys() == metrics.keys()
+    assert all(reference[k] == pytest.approx(metrics[k], abs=0.01) for k in metrics if metrics[k] is not None)
+
+
+def _hard_case() -> tuple[dict, list[dict]]:
+    """A COCO problem with what trips an evaluator: gapped category ids, crowd regions, an image without objects,
+    non-square images of two orientations, boxes of every COCO size range, predictions past the image edge, a
+    category with no ground truth, wrong labels and duplicates; and noisy predictions of every box."""
+    rng = random.Random(0)
+    cats = [{"id": i, "name": n} for i, n in ((1, "person"), (3, "car"), (7, "traffic light"), (90, "toothbrush"))]
+    images, anns, results = [], [], []
+    for image_id in range(1, 41):
+        width, height = (320, 200) if image_id % 2 else (180, 300)
+        images.append({"id": image_id, "width": width, "height": height, "file_name": f"{image_id}.jpg"})
+        for _ in range(0 if image_id == 7 else rng.randint(1, 6)):
+            w, h = rng.choice([(10, 12), (25, 40), (90, 110)])  # small, medium and large
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            cat = rng.choice(cats[:3])["id"]
+            crowd = int(rng.random() < 0.08)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": crowd})
+            for _ in range(rng.randint(1, 3)):  # near the box, past the edge sometimes, another label sometimes
+                jitter = [x + rng.gauss(0, 4), y + rng.gauss(0, 4), w * rng.uniform(0.7, 1.6),
+                          h * rng.uniform(0.7, 1.6)]
+                label = cat if rng.random() < 0.8 else rng.choice(cats)["id"]
+                results.append({"image_id": image_id, "category_id": label, "bbox": jitter, "score": rng.random()})
+        results.append({"image_id": image_id, "category_id": 90, "score": 0.01,  # a category with no ground truth
+                        "bbox": [width - 5, height - 5, 40, 40]})
+    return {"images": images, "annotations": anns, "categories": cats}, results
+
+
+def test_the_default_backend_gives_pycocotools_numbers(tmp_path, synth_root):
+    hard, results = _hard_case()
+    (tmp_path / "hard.json").write_text(json.dumps(hard))
+    synth = synth_root / "annotations/instances_val.json"
+    problems = [(load_coco(tmp_path / "hard.json"), results), (load_coco(synth), _gt_as_results(synth, shift=3.0))]
+    for coco, found in problems:
+        reference = coco_metrics(coco, found, "pycocotools", per_class=True)
+        assert 5 < reference["mAP"] < 95  # neither trivial nor hopeless: the numbers can disagree
+        for backend in EVAL_BACKENDS:
+            metrics = coco_metrics(coco, found, backend, per_class=True)
+            assert list(metrics) == list(reference), backend
+            for key, value in reference.items():
+                assert metrics[key] == pytest.approx(value, abs=0.01) or math.isnan(value) == math.isnan(
+                    metrics[key]) and math.isnan(value), (backend, key)
+        # COCO's mAP is the mean of the categories' APs; a category without ground truth has none (NaN)
+        per_class = [v for k, v in reference.items() if k.startswith(CLASS_AP)]
+        assert reference["mAP"] == pytest.approx(sum(v for v in per_class if v == v) / sum(v == v for v in per_class))
+    assert math.isnan(coco_metrics(problems[0][0], results, per_class=True)[CLASS_AP + "toothbrush"])
+
+
+def test_a_category_never_predicted_scores_zero_ap_and_lowers_map(synth_root):
+    ann_file = synth_root / "annotations/instances_val.json"
+    coco = load_coco(ann_file)
+    results = _gt_as_results(ann_file)
+    dropped = coco.cats[results[0]["category_id"]]["name"]
+    metrics = coco_metrics(coco, [r for r in results if r["category_id"] != results[0]["category_id"]],
+                           per_class=True)
+    assert metrics[CLASS_AP + dropped] == 0.0
+    others = [v for k, v in metrics.items() if k.startswith(CLASS_AP) and k != CLASS_AP + dropped]
+    assert others == pytest.approx([100.0] * len(others))
+    assert metrics["mAP"] == pytest.approx(100.0 * len(others) / (len(others) + 1))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -19,7 +19,7 @@ FCOS_R50 = ("fcos", "ResNeXt101", "ResNet50C128")
 
 
 def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lambda_di="", status="FINISHED",
-              teacher_head=None, machine=None):
+              teacher_head=None, machine=None, classes=None):
     detector, teacher, student = pair
     if (method, strategies) == ("hint", "N2N"):
         method = "fi"  # what dist2 logs for Hint = FI (N2N)
@@ -32,6 +32,8 @@ def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lamb
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     client.log_metric(run.info.run_id, "mAP", mAP)
+    for name, value in (classes or {}).items():  # each category's AP, as the final evaluation logs it
+        client.log_metric(run.info.run_id, f"AP/{name}", value)
     if machine is not None:
         client.set_tag(run.info.run_id, "dist2.machine", machine)
     if teacher_head is not None:  # (probe, trained adapter)
@@ -55,14 +57,17 @@ def store(tmp_path_factory):
         if (detector, method) == ("fcos", "dist2"):
             for seed, value in enumerate((mAP - 0.2, mAP, mAP + 0.2)):  # three seeds: mean = the paper's
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed, teacher_head=(30.0 + seed, 40.0),
-                          machine="8x NVIDIA H200")
+                          machine="8x NVIDIA H200", classes={"person": 50.0 + seed, "traffic light": 21 + seed / 2})
         elif (detector, method) == ("fcos", "student"):  # no adapter of its own: the probe only
             for seed, value in enumerate((mAP - 0.1, mAP, mAP + 0.1)):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed,
-                          teacher_head=(4.0 + seed, None))
+                          teacher_head=(4.0 + seed, None),
+                          classes={"person": 40 + seed / 10, "traffic light": 20 + 2 * seed})
         elif (detector, method) == ("fcos", "hint"):  # two seeds far apart: its +1.1 is within their noise
             for seed, value in enumerate((mAP - 1.5, mAP + 1.5)):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed)
+        elif (detector, method) == ("fcos", "teacher"):
+            _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": 60.0, "traffic light": 30.0})
         else:
             _seed_run(client, exp, pair, method, strategies, mAP)
     _seed_run(client, exp, FCOS_R50, "teacher", "", 42.7)
@@ -187,6 +192,18 @@ def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):
     assert result.returncode == 2
     assert re.search(r"no MLflow experiment 'nope' in sqlite:.*experiments there: .*paper", result.stderr)
     assert not (tmp_path / "results.md").exists()
+
+
+def test_per_category_table_shows_teacher_student_and_the_best_run_with_marked_deltas(store):
+    rows = _section(store["text"], "Per-category AP")
+    header = store["text"].split("## Per-category AP", 1)[1].splitlines()[2]
+    assert "best: + Dist2 (All2All)" in header  # the FCOS pair's highest mAP; RetinaNet logged no categories
+    assert [r[:2] for r in rows] == [["ResNeXt101 → MobileV2C128 (fcos)", "person"],
+                                     ["ResNeXt101 → MobileV2C128 (fcos)", "traffic light"]]
+    # person: 50, 51, 52 against the student's 40.0, 40.1, 40.2 (pooled std 0.71): above the noise;
+    # traffic light: 21, 21.5, 22 against 20, 22, 24 (pooled std 1.46): -0.5 is inside it
+    assert rows[0][2:] == ["60.0", "40.1 ± 0.1", "51.0 ± 1.0", "+10.9 ✓"]
+    assert rows[1][2:] == ["30.0", "22.0 ± 2.0", "21.5 ± 0.5", "-0.5 (within noise)"]
 
 
 def test_report_from_an_ablation_file_uses_its_store_tables_and_folder(store, tmp_path):

@@ -15,7 +15,16 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dist2.errors import UserError
-from dist2.methods import ALIASES, ALL2ALL, METHODS, STRATEGIES, check_method, resolve_alias, resolve_strategies
+from dist2.methods import (
+    ALIASES,
+    ALL2ALL,
+    EVAL_BACKENDS,
+    METHODS,
+    STRATEGIES,
+    check_method,
+    resolve_alias,
+    resolve_strategies,
+)
 
 # A distillation method's name: one in dist2.methods (METHODS, or an alias such as hint).
 MethodName = Annotated[str, AfterValidator(check_method)]
@@ -128,6 +137,12 @@ class TrainConfig(Strict):
         return self
 
 
+class EvalConfig(Strict):
+    """How COCO metrics are computed. It never shapes weights: a cached teacher's identity leaves it out."""
+
+    backend: Literal[EVAL_BACKENDS] = "faster_coco_eval"  # or pycocotools, the reference (same numbers, slower)
+
+
 class RayConfig(Strict):
     """Where and how a run executes: Ray Train's ScalingConfig, RunConfig and FailureConfig.
 
@@ -211,6 +226,7 @@ class ExperimentConfig(Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     # Distillation runs only (`dist2 distill`): the frozen teacher and the method.
     teacher: Optional[TeacherConfig] = None

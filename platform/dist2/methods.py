@@ -52,6 +52,11 @@ TEACHER_ROW = "(teacher)"
 # The metrics a run logs and the report reads: COCO's six (evaluation/coco_eval.py, in COCOeval.stats order), the
 # pair's teacher beside its student, and the teacher-head measures below.
 COCO_METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+COCO_RECALLS = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval.stats[6:12], in this order
+# COCOeval implementations (evaluation/coco_eval.py): faster-coco-eval's C++ port is the default, pycocotools the
+# reference it is tested against.
+EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
+CLASS_AP = "AP/"  # + a category's name: its AP (IoU .50:.95, all areas), at the final evaluation only
 TEACHER_MAP = "teacher_mAP"
 
 # The teacher's head on the student's neck (distill/teacher_head.py): through a least-squares probe, for every run

@@ -26,7 +26,7 @@ from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, 
 from dist2.errors import UserError
 from dist2.methods import ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_alias, resolve_strategies
 
-TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head")
+TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head", "per_class")
 SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
           "seed")
 
@@ -132,8 +132,8 @@ def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
 
 def teacher_key(cfg: ExperimentConfig) -> str:
     """The identity of a trained teacher: a hash of everything that shapes its weights (not its name, where it
-    is written, or the resources it ran on)."""
-    dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"name", "output_dir", "ray"})
+    is written, the resources it ran on, or how it is evaluated)."""
+    dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"name", "output_dir", "ray", "eval"})
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -29,7 +29,7 @@ def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.dev
     teacher = build_architecture(teacher_cfg.model, cfg.data, len(val_ds.categories), download=False)
     load_weights(teacher, cfg.teacher.checkpoint)
     teacher = freeze(teacher.to(device))
-    score = evaluate(teacher, val_ds, device, cfg.train.batch_size)["mAP"]
+    score = evaluate(teacher, val_ds, device, cfg.train.batch_size, cfg.eval.backend)["mAP"]
     if not score >= cfg.teacher.min_mAP:
         raise UserError(f"teacher.checkpoint: {cfg.teacher.checkpoint} scores {score:.2f} mAP on the val set, below "
                         f"teacher.min_mAP = {cfg.teacher.min_mAP}; is it the right checkpoint for "

@@ -75,25 +75,25 @@ def teacher_head_detect(student: StagedDetector, teacher: StagedDetector, adapte
 
 
 def teacher_head_map(student: StagedDetector, teacher: StagedDetector, adapter: Adapter, dataset: CocoDetection,
-                     device: torch.device, batch_size: int = 8) -> float:
+                     device: torch.device, batch_size: int, backend: str) -> float:
     modes = student.training, adapter.training
     student.eval(), adapter.eval()
     try:
         return evaluate_detections(lambda imgs: teacher_head_detect(student, teacher, adapter, imgs), dataset,
-                                   device, batch_size)["mAP"]
+                                   device, batch_size, backend)["mAP"]
     finally:
         student.train(modes[0]), adapter.train(modes[1])
 
 
 def teacher_head_metrics(student: StagedDetector, teacher: StagedDetector, trained: Adapter | None,
                          probe_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
-                         batch_size: int = 8) -> dict[str, float]:
+                         batch_size: int, backend: str) -> dict[str, float]:
     """{PROBE_METRIC: ...} for every run, plus {TRAINED_METRIC: ...} with the run's trained N2N adapter. The probe
     is fitted on `probe_ds`: training images without augmentation (`build_unaugmented_train_dataset`)."""
     probe = fit_linear_probe(student, teacher, probe_ds, device)
-    metrics = {PROBE_METRIC: teacher_head_map(student, teacher, probe, val_ds, device, batch_size)}
+    metrics = {PROBE_METRIC: teacher_head_map(student, teacher, probe, val_ds, device, batch_size, backend)}
     if trained is not None:
-        metrics[TRAINED_METRIC] = teacher_head_map(student, teacher, trained, val_ds, device, batch_size)
+        metrics[TRAINED_METRIC] = teacher_head_map(student, teacher, trained, val_ds, device, batch_size, backend)
     return metrics
 
 
@@ -114,7 +114,7 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
         adapter = Adapter(level_channels(student, "N"), level_channels(teacher, "N"))
         adapter.load_state_dict(trained)
         adapter.to(device)
-    metrics = evaluate(student, val_ds, device, cfg.train.batch_size)
+    metrics = evaluate(student, val_ds, device, cfg.train.batch_size, cfg.eval.backend, per_class=True)
     probe_ds = build_unaugmented_train_dataset(cfg.data)
     return {**metrics, **teacher_head_metrics(student, teacher, adapter, probe_ds, val_ds, device,
-                                              cfg.train.batch_size)}
+                                              cfg.train.batch_size, cfg.eval.backend)}

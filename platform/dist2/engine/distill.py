@@ -25,7 +25,8 @@ def build_distill_task(cfg: ExperimentConfig, device):
 
     def extra_eval(dataset):
         trained = distiller.adapters["N2N"] if "N2N" in distiller.adapters else None
-        return {**teacher_head_metrics(student, teacher, trained, probe_ds, dataset, device, cfg.train.batch_size),
+        return {**teacher_head_metrics(student, teacher, trained, probe_ds, dataset, device, cfg.train.batch_size,
+                                     cfg.eval.backend),
                 TEACHER_MAP: teacher_map}  # beside the student's, as the paper's tables show it
 
     # Without the student's own loss its head takes no part in the step, which DDP must be told.

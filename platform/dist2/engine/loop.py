@@ -27,6 +27,7 @@ from dist2.config import ExperimentConfig
 from dist2.data.coco import CocoDetection, collate
 from dist2.engine.schedule import build_optimizer, build_scheduler
 from dist2.evaluation import evaluate
+from dist2.methods import CLASS_AP
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,11 @@ def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, op
     return metrics
 
 
-def run_eval(task: Task, val_ds: CocoDetection, device, batch_size: int) -> dict[str, float]:
-    """COCO metrics of the deployed model (and of any extra detector), over all workers' shards."""
+def run_eval(task: Task, val_ds: CocoDetection, device, cfg: ExperimentConfig, final: bool) -> dict[str, float]:
+    """COCO metrics of the deployed model (each category's AP too at the `final` evaluation), and those of any extra
+    detector, over all workers' shards."""
     distributed.sync_buffers(task.module)
-    metrics = evaluate(task.deploy, val_ds, device, batch_size)
+    metrics = evaluate(task.deploy, val_ds, device, cfg.train.batch_size, cfg.eval.backend, per_class=final)
     if task.extra_eval is not None:
         metrics.update(task.extra_eval(val_ds))
     return metrics
@@ -154,12 +156,14 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
         metrics = {"epoch": epoch + 1}
         metrics.update(train_one_epoch(model, params, loader, optimizer, scheduler, scaler, device, epoch, cfg))
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(run_eval(task, val_ds, device, cfg.train.batch_size))
+        final = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every == 0 or final:
+            metrics.update(run_eval(task, val_ds, device, cfg, final))
         history.append(metrics)
         if distributed.rank() == 0:
             log.info("epoch %d: %s", epoch + 1,
-                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                               if k != "epoch" and not k.startswith(CLASS_AP)))  # those are for files and MLflow
         yield metrics, {"model": task.module.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "epoch": epoch + 1, "history": history}

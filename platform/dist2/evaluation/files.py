@@ -19,7 +19,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: Path) -> dict[str, fl
     val_ds = build_val_dataset(cfg.data)
     model = build_detector(cfg.model, cfg.data, val_ds.categories)
     load_weights(model, checkpoint)
-    return evaluate(model.to(device), val_ds, device, cfg.train.batch_size)
+    return evaluate(model.to(device), val_ds, device, cfg.train.batch_size, cfg.eval.backend, per_class=True)
 
 
 def load_results(path: Path, coco_gt) -> list[dict]:
@@ -41,6 +41,6 @@ def load_results(path: Path, coco_gt) -> list[dict]:
     return results
 
 
-def evaluate_files(annotations: Path, predictions: Path) -> dict[str, float]:
+def evaluate_files(annotations: Path, predictions: Path, backend: str) -> dict[str, float]:
     coco_gt = load_coco(annotations)
-    return coco_metrics(coco_gt, load_results(predictions, coco_gt))
+    return coco_metrics(coco_gt, load_results(predictions, coco_gt), backend, per_class=True)

@@ -14,7 +14,7 @@ import pandas as pd
 from dist2 import tracking
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
-from dist2.methods import COCO_METRICS, TEACHER_HEAD_METRICS
+from dist2.methods import CLASS_AP, COCO_METRICS, TEACHER_HEAD_METRICS
 from dist2.report import paper, plots, tables
 
 METRICS = (*COCO_METRICS, *TEACHER_HEAD_METRICS)
@@ -24,9 +24,11 @@ TITLES = {
     "table3": "Table 3 — number of imitation strategies used together, with DI",
     "lambda_di": "λ_DI — the weight of the DI terms",
     "teacher_head": "Teacher-head mAP — the student's neck through the teacher's head",
+    "per_class": "Per-category AP — the teacher, the student baseline and the best distillation run",
 }
 BUILDERS = {"table1": tables.table1, "table2": tables.table2, "table3": tables.table3,
-            "lambda_di": tables.lambda_table, "teacher_head": tables.teacher_head_table}
+            "lambda_di": tables.lambda_table, "teacher_head": tables.teacher_head_table,
+            "per_class": tables.per_class_table}
 
 
 def load_runs(uri: str, experiment: str) -> pd.DataFrame:
@@ -49,6 +51,7 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     runs = pd.DataFrame({
         **{p: frame.get(f"params.{p}", pd.Series(index=frame.index, dtype=object)) for p in SCHEMA},
         **{m: frame.get(f"metrics.{m}", pd.Series(index=frame.index, dtype=float)) for m in METRICS},
+        **{c.removeprefix("metrics."): frame[c] for c in frame.columns if c.startswith(f"metrics.{CLASS_AP}")},
         "machine": frame.get(f"tags.{tracking.MACHINE_TAG}", pd.Series(index=frame.index, dtype=object)),
     })
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})

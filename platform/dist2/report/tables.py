@@ -13,6 +13,7 @@ import pandas as pd
 
 from dist2.methods import (
     ALL2ALL,
+    CLASS_AP,
     HINT,
     HINT_ROW,
     METHODS,
@@ -41,12 +42,17 @@ def di_methods() -> list[str]:
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
+def class_metrics(frame: pd.DataFrame) -> list[str]:
+    """The per-category AP columns (CLASS_AP + name) of a frame of runs, by name (MLflow keeps no order)."""
+    return sorted(c for c in frame.columns if c.startswith(CLASS_AP))
+
+
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: mAP mean/std/n, and the same (`<metric>`, `<metric>_std`, `<metric>_n`) for the two
-    teacher-head measures."""
+    teacher-head measures and each category's AP."""
     grouped = runs.groupby(CELL, sort=False)
     out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
-    for metric in TEACHER_HEAD_METRICS:
+    for metric in (*TEACHER_HEAD_METRICS, *class_metrics(runs)):
         out[metric] = grouped[metric].mean()
         out[f"{metric}_std"] = grouped[metric].std()
         out[f"{metric}_n"] = grouped[metric].count()
@@ -269,4 +275,34 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
             PROBE_DELTA_COLUMN: "" if base is None or r["method"] == "student"
             else marked_delta(r, base, PROBE_METRIC),
             TRAINED_COLUMN: fmt(r[TRAINED_METRIC], r[f"{TRAINED_METRIC}_std"])})
+    return pd.DataFrame(out)
+
+
+def _best_distilled(c: pd.DataFrame, pair: tuple):
+    """The pair's distillation cell of highest mean mAP (at λ = 1), or None."""
+    mine = c[(c[PAIR].apply(tuple, axis=1) == pair) & ~c["method"].isin([TEACHER, "student"])]
+    return mine.loc[mine["mAP"].idxmax()] if len(mine) else None
+
+
+def per_class_table(c: pd.DataFrame) -> pd.DataFrame:
+    """Which categories distillation helps: each category's AP for the pair's teacher, its student baseline and its
+    best distillation cell (by mAP), with that cell's Δ over the student per category, marked by the noise rule on
+    the category's own seed spread."""
+    c = at_reference(c)
+    out = []
+    for pair in pairs(c):
+        detector, teacher, student = pair
+        base, best, t = student_cell(c, pair), _best_distilled(c, pair), _teacher_row(c, detector, teacher)
+        if base is None or best is None:
+            continue
+        best_label = f"{method_rows()[best['method']]} ({show_strategies(best['strategies'])})"
+        for metric in [m for m in class_metrics(c) if f"{m}_std" in c.columns]:  # the cells' means, not spreads
+            if math.isnan(base[metric]) and math.isnan(best[metric]):
+                continue  # a category this pair's runs never logged (another dataset's, or no final evaluation)
+            out.append({
+                "pair": f"{teacher} → {student} ({detector})", "category": metric.removeprefix(CLASS_AP),
+                f"{teacher} (teacher)": MISSING if t is None else fmt(t[metric]),
+                f"{student} (student)": fmt(base[metric], base[f"{metric}_std"]),
+                f"best: {best_label}": fmt(best[metric], best[f"{metric}_std"]),
+                "Δ": marked_delta(best, base, metric)})
     return pd.DataFrame(out)
