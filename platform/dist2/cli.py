@@ -90,6 +90,11 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.coco_eval:
+        from dist2.bench_eval import bench_coco_eval
+
+        bench_coco_eval(args.images)
+        return 0
     if args.cluster_join is not None:
         from dist2.bench_cluster import bench_cluster_join
 
@@ -236,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-join", type=Path, metavar="ABLATION",
                    help="instead: this grid on a one-node local Ray cluster, alone and with a second node "
                    "joining after its first trial (wall time, packing, join-to-first-trial latency)")
+    p.add_argument("--coco-eval", action="store_true", help="instead: each COCOeval backend (eval.backend) on a "
+                   "generated COCO-val-sized problem: seconds, peak memory, the numbers they give")
+    p.add_argument("--images", type=int, default=5000, help="images of the --coco-eval problem (default 5000, "
+                   "as COCO val2017; 100 detections each)")
     p.set_defaults(func=cmd_bench)
     return parser
 
