@@ -155,3 +155,53 @@ def test_augmentation_moves_boxes_with_pixels(tmp_path):
     inside = image[:, int(y0) + 2:int(y1) - 2, int(x0) + 2:int(x1) - 2]
     assert inside.min() > 0.9  # the white block moved with its box
     assert image[:, :, :60].max() < 0.1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_grouped_batches_are_one_group_each_and_every_rank_gets_as_many(world):
+    """Aspect-ratio grouping under DistributedSampler: every batch holds one group; every rank draws the same
+    number of batches (DDP hangs otherwise), all its shard's indices, and the same batches for the same epoch."""
+    from torch.utils.data import DistributedSampler
+
+    from dist2.data.loader import GroupedBatchSampler
+
+    groups = [int(i % 3 == 0) for i in range(61)]  # a third of the images tall
+    counts, epochs = set(), {}
+    for rank in range(world):
+        sampler = DistributedSampler(range(61), num_replicas=world, rank=rank, shuffle=True, seed=5)
+        batches = GroupedBatchSampler(sampler, groups, batch_size=4)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            drawn = list(batches)
+            assert drawn == list(batches)  # the same (seed, epoch): the same batches
+            epochs[(rank, epoch)] = drawn
+            assert len(drawn) == len(batches) == len(sampler) // 4
+            assert all(len(b) == 4 and len({groups[i] for i in b}) == 1 for b in drawn)
+            used = {i for b in drawn for i in b}
+            assert used <= set(sampler) and len(used) >= len(sampler) - 2 * 3  # at most a partial batch per group
+            counts.add(len(drawn))
+    assert len(counts) == 1
+    assert epochs[(0, 0)] != epochs[(0, 1)]
+
+
+def test_a_kept_loader_reseeds_each_sample_from_seed_epoch_and_index(tmp_path):
+    """With loader processes kept across epochs, a sample's augmentation depends on (seed, epoch, index) alone:
+    the same epoch drawn again (a resumed run) gives the same tensors; another epoch different ones."""
+    from dist2.data.loader import TrainLoader
+
+    root = generate(tmp_path / "d", SynthConfig(num_train=12, num_val=2, image_size=96, seed=0))
+    cfg = DataConfig(root=root, train_sizes=[64, 96, 128], test_size=96, max_size=160, hflip_prob=0.5,
+                     num_workers=2)
+    ds = CocoDetection(root / cfg.train_annotations, root / cfg.train_images, train_transforms(cfg))
+
+    def draw(loader, epoch):
+        return [(img.shape, t["boxes"]) for images, targets in loader.epoch(epoch)
+                for img, t in zip(images, targets, strict=True)]
+
+    kept = TrainLoader(ds, cfg, batch_size=4, seed=3, world=1, rank=0, pin_memory=False)
+    first, second = draw(kept, 0), draw(kept, 1)
+    fresh = TrainLoader(ds, cfg, batch_size=4, seed=3, world=1, rank=0, pin_memory=False)
+    again = draw(fresh, 1)  # a new process group starting at epoch 1, as a resumed run does
+    assert [s for s, _ in again] == [s for s, _ in second]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, second, strict=True))
+    assert [s for s, _ in first] != [s for s, _ in second]

@@ -92,6 +92,24 @@ def test_a_run_of_the_same_name_continues_exactly(two_epochs, tmp_path, synth_ro
     assert (tmp_path / "runs/broken/model.pth").read_bytes() == before
 
 
+
+def test_a_run_with_kept_loader_processes_and_grouped_batches_continues_exactly(tmp_path, synth_root):
+    """data.num_workers: 2 (processes kept across epochs, each sample seeded from (seed, epoch, index)) and
+    aspect-ratio grouping: one epoch, stop, continue == two epochs in one go, to the bit."""
+    data = {"num_workers": 2, "group_aspect_ratio": True}
+    straight = write_config(tmp_path / "straight.yaml", tiny_config(tmp_path, synth_root, name="straight", data=data))
+    assert run_cli("train", straight).returncode == 0
+    broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken", data=data))
+    assert run_cli("train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]").returncode == 0
+    result = run_cli("train", broken)
+    assert result.returncode == 0 and "continuing after epoch 1 of 2" in result.stderr, result.stderr
+    a = torch.load(tmp_path / "runs/straight/model.pth", weights_only=True)
+    b = torch.load(tmp_path / "runs/broken/model.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[h["loss"] for h in read_json(tmp_path / f"runs/{n}/metrics.json")["history"]]
+              for n in ("straight", "broken")]
+    assert losses[0] == losses[1]
+
 def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
     junk = tmp_path / "junk.pth"

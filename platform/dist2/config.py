@@ -59,7 +59,8 @@ class DataConfig(Strict):
     test_size: int = Field(800, ge=32)
     max_size: int = Field(1333, ge=32)
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # loader processes, kept across epochs (0: load in the training process)
+    group_aspect_ratio: bool = False  # batch wide and tall images apart (less padding; the paper configs)
 
     @field_validator("train_sizes")
     @classmethod

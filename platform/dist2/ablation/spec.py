@@ -130,10 +130,18 @@ def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
     return spec.model_copy(update={"output_dir": spec.output_dir.absolute(), "pairs": pairs})
 
 
+# Keys added after teachers were first cached, at the values that train exactly as before the key existed: left out
+# of a teacher's identity at those values, so that the caches made before them stay valid.
+NEUTRAL_KEYS = {("data", "group_aspect_ratio"): False}
+
+
 def teacher_key(cfg: ExperimentConfig) -> str:
     """The identity of a trained teacher: a hash of everything that shapes its weights (not its name, where it
     is written, the resources it ran on, or how it is evaluated)."""
     dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"name", "output_dir", "ray", "eval"})
+    for (section, key), neutral in NEUTRAL_KEYS.items():
+        if dumped[section][key] == neutral:
+            del dumped[section][key]
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -130,7 +130,12 @@ class CocoDetection(torch.utils.data.Dataset):
             if has_area != count_only_dropped:
                 yield [x0, y0, x1, y1], self.label_of[ann["category_id"]]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """`item`: an index, or (index, seed) from a loader whose processes outlive an epoch: the sample's own
+        augmentation seed (torchvision's v2 transforms draw from torch's global RNG; data/loader.py)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            torch.manual_seed(seed)
         image_id = self.ids[index]
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
         try:

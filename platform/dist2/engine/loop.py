@@ -19,12 +19,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dist2 import distributed
 from dist2.config import ExperimentConfig
-from dist2.data.coco import CocoDetection, collate
+from dist2.data.coco import CocoDetection
+from dist2.data.loader import TrainLoader
 from dist2.engine.schedule import build_optimizer, build_scheduler
 from dist2.evaluation import evaluate
 from dist2.methods import CLASS_AP
@@ -129,12 +130,11 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
     DistributedDataParallel and each worker draws its own shard of every epoch.
     """
     world = distributed.world_size()
-    batch = cfg.train.batch_size // world
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=distributed.rank(), shuffle=True,
-                                 seed=cfg.seed)
+    loader = TrainLoader(train_ds, cfg.data, cfg.train.batch_size // world, cfg.seed, world, distributed.rank(),
+                         pin_memory=device.type == "cuda")
     params = [p for p in task.module.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, math.ceil(len(sampler) / batch))
+    scheduler = build_scheduler(optimizer, cfg.train, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
     start_epoch, history = 0, []
     if state is not None:
@@ -151,11 +151,9 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
 
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_epoch(cfg.seed, epoch, distributed.rank())
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
         metrics = {"epoch": epoch + 1}
-        metrics.update(train_one_epoch(model, params, loader, optimizer, scheduler, scaler, device, epoch, cfg))
+        metrics.update(train_one_epoch(model, params, loader.epoch(epoch), optimizer, scheduler, scaler, device,
+                                       epoch, cfg))
         final = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or final:
             metrics.update(run_eval(task, val_ds, device, cfg, final))
