@@ -1,3 +1,5 @@
+import re
+
 from conftest import run_cli, tiny_config, write_config
 
 
@@ -30,3 +32,16 @@ def test_bench_coco_eval_times_both_backends_on_one_problem_with_equal_numbers()
     assert rows["pycocotools"][2:5] == rows["faster_coco_eval"][2:5]  # mAP, AP50, AP75 as printed
     assert 0 < float(rows["pycocotools"][2]) < 100
     assert "largest difference from pycocotools over the 92 metrics (AP, AR, per category): 0.00" in out
+
+
+def test_bench_data_times_the_loader_beside_the_step_and_grouping_pads_less(tmp_path, synth_root):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
+    result = run_cli("bench", "--data", cfg, "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    rates = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in result.stdout.splitlines()
+             if line.startswith("| loader") or line.startswith("| training step")}
+    assert list(rates)[:3] == ["loader, 0 process(es)", "loader, 1 process(es)", "loader, 2 process(es)"]
+    assert list(rates)[3].startswith("training step (tiny, input") and all(v > 0 for v in rates.values())
+    ungrouped, grouped = map(float, re.search(r"(\d+\.\d)% ungrouped, (\d+\.\d)% with", result.stdout).groups())
+    assert 0 <= grouped < ungrouped < 100  # COCO's mix of wide and tall images: grouping saves padding
+    assert not (tmp_path / "runs").exists()

@@ -95,6 +95,11 @@ def cmd_bench(args) -> int:
 
         bench_coco_eval(args.images)
         return 0
+    if args.data is not None:
+        from dist2.bench_data import bench_data
+
+        bench_data(args.data, batch_size=args.batch_size)
+        return 0
     if args.cluster_join is not None:
         from dist2.bench_cluster import bench_cluster_join
 
@@ -241,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-join", type=Path, metavar="ABLATION",
                    help="instead: this grid on a one-node local Ray cluster, alone and with a second node "
                    "joining after its first trial (wall time, packing, join-to-first-trial latency)")
+    p.add_argument("--data", type=Path, metavar="CONFIG", help="instead: this config's training loader (0, 1, 2 "
+                   "processes) beside its training step, in images/s, and the padding aspect-ratio grouping saves")
     p.add_argument("--coco-eval", action="store_true", help="instead: each COCOeval backend (eval.backend) on a "
                    "generated COCO-val-sized problem: seconds, peak memory, the numbers they give")
     p.add_argument("--images", type=int, default=5000, help="images of the --coco-eval problem (default 5000, "
