@@ -52,15 +52,19 @@ def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     model = build_architecture(cfg.model, cfg.data, len(data.categories), download=False).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    amp = cfg.train.amp and device.type == "cuda"  # as the training loop: mixed precision on CUDA only
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     times = []
     for _ in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = sum(model(images, targets).values())
+        with torch.autocast(device.type, enabled=amp):
+            loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -68,7 +72,7 @@ def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     h, w = images[0].shape[-2:]
     return {"config": Path(path).stem, "detector": cfg.model.detector, "backbone": cfg.model.backbone,
             "channels": cfg.model.channels, "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
-            "first input": f"{h}x{w}", "batch": batch, "s/step": step, "img/s": batch / step}
+            "first input": f"{h}x{w}", "batch": batch, "amp": amp, "s/step": step, "img/s": batch / step}
 
 
 def bench_train(configs: list[Path], steps: int = 5, batch_size: int | None = None,

@@ -95,6 +95,11 @@ def cmd_bench(args) -> int:
 
         bench_coco_eval(args.images)
         return 0
+    if args.gpu_smoke:
+        from dist2.bench_gpu import gpu_smoke
+
+        gpu_smoke()
+        return 0
     if args.data is not None:
         from dist2.bench_data import bench_data
 
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "joining after its first trial (wall time, packing, join-to-first-trial latency)")
     p.add_argument("--data", type=Path, metavar="CONFIG", help="instead: this config's training loader (0, 1, 2 "
                    "processes) beside its training step, in images/s, and the padding aspect-ratio grouping saves")
+    p.add_argument("--gpu-smoke", action="store_true", help="instead: the CUDA paths on one GPU (quick teacher and "
+                   "Dist2 epochs with AMP, the latter on a 1-worker NCCL worker group; paper-scale img/s); exit 2 "
+                   "without CUDA")
     p.add_argument("--coco-eval", action="store_true", help="instead: each COCOeval backend (eval.backend) on a "
                    "generated COCO-val-sized problem: seconds, peak memory, the numbers they give")
     p.add_argument("--images", type=int, default=5000, help="images of the --coco-eval problem (default 5000, "
