@@ -187,3 +187,25 @@ def test_cli_eval_malformed_annotations(tmp_path, synth_root, capsys, case):
         result = run_cli(*args)
         assert result.returncode == 2 and result.stderr.strip() == err.strip()
     assert not (tmp_path / "m.json").exists()
+
+
+def test_category_metric_names_are_ones_mlflow_takes_and_never_meet(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from dist2.evaluation.coco_eval import class_metrics
+
+    hard, _ = _hard_case()
+    hard["categories"] += [{"id": 91, "name": "car(s)"}, {"id": 92, "name": "car[s]"}, {"id": 93, "name": "a/b"},
+                           {"id": 94, "name": ".."}, {"id": 95, "name": "person"}]
+    (tmp_path / "gt.json").write_text(json.dumps(hard))
+    names = class_metrics(load_coco(tmp_path / "gt.json"))
+    assert [names[i] for i in (1, 91, 92, 93, 94, 95)] == [
+        "AP/person", "AP/car_s_", "AP/car_s__92", "AP/a_b", "AP/94", "AP/person_95"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a real store refuses a name it cannot take
+    run = client.create_run(client.create_experiment("names")).info.run_id
+    client.log_batch(run, metrics=[Metric(name, 1.0, 0, 2) for name in names.values()])
+    assert set(client.get_run(run).data.metrics) == set(names.values())
+    # No detections at all: 0 where there was ground truth to find, undefined where there was none.
+    empty = coco_metrics(load_coco(tmp_path / "gt.json"), [], per_class=True)
+    assert empty["AP/person"] == 0.0 and math.isnan(empty["AP/toothbrush"]) and math.isnan(empty["AP/a_b"])

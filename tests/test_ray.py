@@ -84,37 +84,39 @@ def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_li
             history[-1][key] != history[-1][key], key
 
 
-@pytest.mark.parametrize("lost_after", [1, 2])  # mid-run, and after the last epoch (nothing left to train)
-def test_a_worker_lost_right_after_a_checkpoint_resumes_from_it_not_from_scratch(tmp_path, synth_root, lost_after):
+def test_a_worker_lost_right_after_a_checkpoint_resumes_from_it_not_from_scratch(tmp_path, synth_root):
     """Rank 1 exits the instant epoch K's checkpoint is complete (DIST2_TEST_EXIT_AFTER_EPOCH: before Ray's
-    controller may have registered it). The restarted worker group must continue after epoch K, not train it again:
-    every epoch is trained once (one line each, epoch K's wall-clock img_per_s the same in the log, metrics.json and
-    MLflow) and logged once, and the run ends with its final files."""
+    controller may have registered it), once mid-run (K=1) and once after the last epoch (K=2, nothing left to
+    train). Each restarted worker group must continue after epoch K, not train it again: every epoch is trained
+    once (one line each, its wall-clock img_per_s the same in the log, metrics.json and MLflow) and logged once,
+    and the run ends with its final files."""
     cfg = tiny_config(tmp_path, synth_root, train={"epochs": 2, "lr_steps": []},
-                      ray={"num_workers": 2, "max_failures": 1})
+                      ray={"num_workers": 2, "max_failures": 2})
     cfg_path = write_config(tmp_path / "tiny.yaml", cfg)
     result = subprocess.run([sys.executable, "-m", "dist2", "train", str(cfg_path)], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "DIST2_TEST_EXIT_AFTER_EPOCH": f"{lost_after}:1"})
+                            timeout=600, env={**os.environ, "DIST2_TEST_EXIT_AFTER_EPOCH": "1,2:1"})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     # The console carries dist2's lines, not Ray Train's per-report and checkpoint lines nor the placement-group
     # cleaner's State API warnings (the local Ray's workers are quieted).
     for noise in ("Reporting training result", "Checkpoint successfully created", "PlacementGroupCleaner"):
         assert noise not in output, noise
-    assert "continuing" not in output  # one launch: the restart was Ray Train's
-    assert f"resuming tiny after epoch {lost_after}" in output  # the restarted group restored epoch K's checkpoint
+    assert "continuing" not in output  # one launch: the restarts were Ray Train's
+    for lost_after in (1, 2):  # each restarted group restored the checkpoint its predecessor was lost after
+        assert f"resuming tiny after epoch {lost_after}" in output, output[-3000:]
     lines = {e: re.findall(rf"\bepoch {e}: .*img_per_s=([0-9.e+-]+)", output) for e in (1, 2)}
     assert [len(found) for found in lines.values()] == [1, 1], output[-3000:]
     history = read_json(tmp_path / "runs/tiny/metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    lost = history[lost_after - 1]["img_per_s"]
-    assert f"{lost:.4g}" == lines[lost_after][0]
     client = _store(tmp_path)
     run = _only_run(client)
     assert run.info.status == "FINISHED"
     assert _epochs_logged(client, run.info.run_id) == [1, 2]
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "img_per_s")}
-    assert logged[lost_after] == pytest.approx(lost, rel=1e-12)
+    for epoch in (1, 2):
+        kept = history[epoch - 1]["img_per_s"]
+        assert f"{kept:.4g}" == lines[epoch][0]
+        assert logged[epoch] == pytest.approx(kept, rel=1e-12)
     assert (tmp_path / "runs/tiny/model.pth").is_file()
 
 

@@ -68,6 +68,8 @@ def store(tmp_path_factory):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed)
         elif (detector, method) == ("fcos", "teacher"):
             _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": 60.0, "traffic light": 30.0})
+        elif (detector, method) in (("retinanet", "student"), ("retinanet", "dist2")):  # one category, one seed
+            _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": mAP})
         else:
             _seed_run(client, exp, pair, method, strategies, mAP)
     _seed_run(client, exp, FCOS_R50, "teacher", "", 42.7)
@@ -181,10 +183,10 @@ def test_teacher_head_deltas_use_that_metrics_own_seed_spread():
     from dist2.report.tables import marked_delta
 
     probe = "teacher_head_probe_mAP"
-    fi = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 40.0, f"{probe}_std": 0.5, f"{probe}_n": 3}
-    di = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 38.0, f"{probe}_std": 0.5, f"{probe}_n": 3}
+    fi = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 40.0, f"{probe}|std": 0.5, f"{probe}|n": 3}
+    di = {"mAP": 50.0, "std": 9.0, "n": 3, probe: 38.0, f"{probe}|std": 0.5, f"{probe}|n": 3}
     assert marked_delta(fi, di, probe) == "+2.0 ✓"  # mAP's std (9.0) would have called it noise
-    assert marked_delta(fi, {**di, f"{probe}_n": 1}, probe) == "+2.0 (1 seed: no noise estimate)"
+    assert marked_delta(fi, {**di, f"{probe}|n": 1}, probe) == "+2.0 (1 seed: no noise estimate)"
 
 
 def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):
@@ -197,13 +199,19 @@ def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):
 def test_per_category_table_shows_teacher_student_and_the_best_run_with_marked_deltas(store):
     rows = _section(store["text"], "Per-category AP")
     header = store["text"].split("## Per-category AP", 1)[1].splitlines()[2]
-    assert "best: + Dist2 (All2All)" in header  # the FCOS pair's highest mAP; RetinaNet logged no categories
+    assert [c.strip() for c in header.strip("|").split("|")] == ["pair", "category", "teacher", "student",
+                                                                 "best run", "best run AP", "Δ"]
+    # Two pairs logged categories (RetinaNet's student and Dist2 one, its teacher none); each pair's best run is
+    # its highest mAP, Dist2 All2All for both.
     assert [r[:2] for r in rows] == [["ResNeXt101 → MobileV2C128 (fcos)", "person"],
-                                     ["ResNeXt101 → MobileV2C128 (fcos)", "traffic light"]]
+                                     ["ResNeXt101 → MobileV2C128 (fcos)", "traffic light"],
+                                     ["ResNeXt101 → MobileV2C128 (retinanet)", "person"]]
     # person: 50, 51, 52 against the student's 40.0, 40.1, 40.2 (pooled std 0.71): above the noise;
     # traffic light: 21, 21.5, 22 against 20, 22, 24 (pooled std 1.46): -0.5 is inside it
-    assert rows[0][2:] == ["60.0", "40.1 ± 0.1", "51.0 ± 1.0", "+10.9 ✓"]
-    assert rows[1][2:] == ["30.0", "22.0 ± 2.0", "21.5 ± 0.5", "-0.5 (within noise)"]
+    assert rows[0][2:] == ["60.0", "40.1 ± 0.1", "+ Dist2 (All2All)", "51.0 ± 1.0", "+10.9 ✓"]
+    assert rows[1][2:] == ["30.0", "22.0 ± 2.0", "+ Dist2 (All2All)", "21.5 ± 0.5", "-0.5 (within noise)"]
+    assert rows[2][2:] == ["–", "31.0", "+ Dist2 (All2All)", "32.5", "+1.5 (1 seed: no noise estimate)"]
+    assert not re.search(r"\bnan\b", store["text"])  # no cell of any table left undefined
 
 
 def test_report_from_an_ablation_file_uses_its_store_tables_and_folder(store, tmp_path):

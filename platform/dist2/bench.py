@@ -42,10 +42,14 @@ def synthetic_batch(data_cfg, batch: int, device):
     return data, images, targets
 
 
+def bench_batch(path: Path, cfg, batch_size: int | None) -> int:
+    """The batch a benchmark uses: the one asked for, else 2 for a paper-scale config (CPU-sized), else the config's."""
+    return batch_size or (2 if "paper" in Path(path).parts else cfg.train.batch_size)
+
+
 def measure(path: Path, steps: int, batch_size: int | None) -> dict:
     cfg = load_config(path, ["data.root=null"])
-    paper = "paper" in Path(path).parts
-    batch = batch_size or (2 if paper else cfg.train.batch_size)
+    batch = bench_batch(path, cfg, batch_size)
     device = resolve_device(cfg.train.device)
     data, images, targets = synthetic_batch(cfg.data, batch, device)
     # Random weights: throughput does not depend on them, and a benchmark must not need a download.

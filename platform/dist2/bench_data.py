@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tabulate import tabulate
 
-from dist2.bench import measure
+from dist2.bench import bench_batch, measure
 from dist2.config import load_config
 from dist2.data.coco import CocoDetection
 from dist2.data.loader import TrainLoader
@@ -88,7 +88,7 @@ def _loader_rate(dataset: CocoDetection, cfg, batch_size: int, workers: int, bat
 
 def bench_data(path: Path, batch_size: int | None = None, batches: int = 10) -> list[dict]:
     probe = load_config(path, ["data.root=null"])
-    batch = batch_size or (2 if "paper" in Path(path).parts else probe.train.batch_size)
+    batch = bench_batch(path, probe, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_coco_jpegs(Path(tmp) / "coco", images=batch * (batches + 1) * 2)
         cfg = load_config(path, [f"data.root={root}", "data.train_annotations=annotations/instances.json",

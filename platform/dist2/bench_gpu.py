@@ -36,9 +36,9 @@ ONE_EPOCH_AMP = ["train.epochs=1", "train.lr_steps=[]", "train.amp=true", "train
 
 def _in_process(cfg: ExperimentConfig, build) -> tuple[dict, float]:
     """Train `cfg` in this process with the engine's loop; saves model.pth; returns (final metrics, seconds)."""
-    start = time.perf_counter()
     device = torch.device("cuda")
-    task, train_ds, val_ds = build(cfg, device)
+    task, train_ds, val_ds = build(cfg, device)  # first use generates the synthetic data: not timed
+    start = time.perf_counter()
     history = [metrics for metrics, _ in epochs(cfg, task, train_ds, val_ds, device)]
     atomic_save(task.deploy.state_dict(), cfg.run_dir / "model.pth")
     return history[-1], time.perf_counter() - start
@@ -65,7 +65,7 @@ def gpu_smoke(workdir: Path | None = None) -> list[dict]:
 
     teacher = load_config(TEACHER, ONE_EPOCH_AMP + [f"output_dir={work}", "name=teacher"])
     metrics, seconds = _in_process(teacher, build_train_task)
-    rows.append({"stage": "quick FCOS teacher, 1 epoch, AMP", "ran": "in process", "s": seconds,
+    rows.append({"stage": "quick FCOS teacher, 1 epoch, AMP", "ran": "in process", "s (stage)": seconds,
                  "train img/s": metrics["img_per_s"], "mAP": metrics["mAP"]})
 
     distill = load_config(DISTILL, ONE_EPOCH_AMP + [f"output_dir={work}", "name=dist2_all2all",
@@ -77,14 +77,14 @@ def gpu_smoke(workdir: Path | None = None) -> list[dict]:
     else:
         metrics, seconds = _in_process(distill, build_distill_task)
         ran = "in process (no Ray or MLflow here)"
-    rows.append({"stage": "Dist2 All2All distillation, 1 epoch, AMP", "ran": ran, "s": seconds,
+    rows.append({"stage": "Dist2 All2All distillation, 1 epoch, AMP", "ran": ran, "s (stage)": seconds,
                  "train img/s": metrics["img_per_s"], "mAP": metrics["mAP"],
                  "teacher_head_probe_mAP": metrics.get("teacher_head_probe_mAP")})
 
     for path in PAPER:
         step = measure(path, steps=5, batch_size=8)
         rows.append({"stage": f"{path.stem}, batch 8, AMP, input {step['first input']}", "ran": "in process",
-                     "s": step["s/step"], "train img/s": step["img/s"]})
+                     "s/step": step["s/step"], "train img/s": step["img/s"]})
     print(f"GPU smoke check on {torch.cuda.get_device_name()}, torch {torch.__version__}; files in {work}")
     print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github", missingval=""))
     return rows

@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from dist2.evaluation.files import evaluate_checkpoint, evaluate_files
-    from dist2.methods import EVAL_BACKENDS
+    from dist2.methods import DEFAULT_EVAL_BACKEND
 
     if args.config is not None:
         if args.checkpoint is None or args.predictions is not None:
@@ -72,7 +72,7 @@ def cmd_eval(args) -> int:
         if args.annotations is None or args.predictions is None:
             raise UserError("dist2 eval needs either CONFIG --checkpoint PATH, "
                             "or --annotations A.json --predictions P.json")
-        metrics = evaluate_files(args.annotations, args.predictions, args.backend or EVAL_BACKENDS[0])
+        metrics = evaluate_files(args.annotations, args.predictions, args.backend or DEFAULT_EVAL_BACKEND)
     _write_json(metrics, args.json)
     return 0
 
@@ -167,7 +167,7 @@ def cmd_report(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dist2.config import SynthConfig
-    from dist2.methods import EVAL_BACKENDS
+    from dist2.methods import DEFAULT_EVAL_BACKEND, EVAL_BACKENDS
 
     parser = argparse.ArgumentParser(prog="dist2", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, help="COCO detection results JSON")
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     p.add_argument("--backend", choices=EVAL_BACKENDS, help=f"the COCOeval implementation (default: the config's "
-                   f"eval.backend, else {EVAL_BACKENDS[0]}; pycocotools is the reference)")
+                   f"eval.backend, else {DEFAULT_EVAL_BACKEND}; pycocotools is the reference)")
     p.add_argument("--teacher-head", action="store_true",
                    help="also the teacher's head on the student's neck (a distillation CONFIG): teacher_head_probe_mAP "
                    "(least-squares probe), and teacher_head_mAP (the run's trained N2N adapter) where it has one")

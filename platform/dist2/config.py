@@ -18,6 +18,7 @@ from dist2.errors import UserError
 from dist2.methods import (
     ALIASES,
     ALL2ALL,
+    DEFAULT_EVAL_BACKEND,
     EVAL_BACKENDS,
     METHODS,
     STRATEGIES,
@@ -141,7 +142,7 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     """How COCO metrics are computed. It never shapes weights: a cached teacher's identity leaves it out."""
 
-    backend: Literal[EVAL_BACKENDS] = "faster_coco_eval"  # or pycocotools, the reference (same numbers, slower)
+    backend: Literal[EVAL_BACKENDS] = DEFAULT_EVAL_BACKEND  # or pycocotools, the reference (same numbers, slower)
 
 
 class RayConfig(Strict):

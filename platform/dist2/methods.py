@@ -56,6 +56,7 @@ COCO_RECALLS = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval.stats[6
 # COCOeval implementations (evaluation/coco_eval.py): faster-coco-eval's C++ port is the default, pycocotools the
 # reference it is tested against.
 EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
+DEFAULT_EVAL_BACKEND = EVAL_BACKENDS[0]
 CLASS_AP = "AP/"  # + a category's name: its AP (IoU .50:.95, all areas), at the final evaluation only
 TEACHER_MAP = "teacher_mAP"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
+import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from dist2.config import DataConfig
@@ -85,9 +86,13 @@ class TrainLoader:
         else:
             batches = BatchSampler(self.sampler, batch_size, drop_last=False)
         self.seeded = SeededBatches(batches, seed) if cfg.num_workers > 0 else None
-        self.loader = DataLoader(dataset, batch_sampler=self.seeded or batches, collate_fn=collate,
-                                 num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                                 pin_memory=pin_memory)
+        # Kept processes draw their base seed once, from a generator of their own: not from the global RNG, which
+        # the loop seeds per epoch (a resumed run must not be one draw off an unbroken one). Without processes the
+        # loader draws from the global RNG once per epoch, as it always has: their runs keep their numbers.
+        generator = torch.Generator().manual_seed(seed) if self.seeded is not None else None
+        self.loader = DataLoader(dataset, batch_sampler=batches if self.seeded is None else self.seeded,
+                                 collate_fn=collate, num_workers=cfg.num_workers,
+                                 persistent_workers=cfg.num_workers > 0, pin_memory=pin_memory, generator=generator)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -27,7 +27,7 @@ from dist2.errors import UserError
 
 FINAL_FILES = (CONFIG, WEIGHTS, RESUME, METRICS)
 # The only settings a run may change when it continues: its length and its resources.
-CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.")
+CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.", "eval.")
 
 
 def read_record(folder: Path) -> dict:

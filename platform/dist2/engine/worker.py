@@ -31,8 +31,8 @@ from dist2.engine.train import build_train_task
 from dist2.errors import UserError
 
 TASKS = {"train": build_train_task, "distill": build_distill_task}
-# Test-only fault injection: "K" or "K:RANK" makes that worker (rank 0 by default) exit the moment epoch K's
-# checkpoint is complete, as a worker killed at that instant would (tests/test_ray.py).
+# Test-only fault injection: "K", "K1,K2" or "K:RANK" makes that worker (rank 0 by default) exit the moment epoch
+# K's checkpoint is complete, as a worker killed at that instant would (tests/test_ray.py).
 EXIT_AFTER_EPOCH = "DIST2_TEST_EXIT_AFTER_EPOCH"
 
 
@@ -105,8 +105,10 @@ def _tag_placement(logger: tracking.EpochLogger | None, device: torch.device) ->
 def _injected_exit(epoch: int, rank: int, run: RunDir) -> None:
     wanted = os.environ.get(EXIT_AFTER_EPOCH)
     if wanted:
-        at_epoch, _, at_rank = wanted.partition(":")
-        if epoch == int(at_epoch) and rank == int(at_rank or 0):
+        # EPOCHS[:RANK], EPOCHS comma-separated: each restarted group resumes past the epoch it was lost after, so
+        # one run meets each listed fault once.
+        at_epochs, _, at_rank = wanted.partition(":")
+        if epoch in {int(e) for e in at_epochs.split(",")} and rank == int(at_rank or 0):
             # Another rank's report can return while rank 0 is still persisting the checkpoint: wait for it to be
             # complete on disk, so that the exit lands exactly after it.
             deadline = time.monotonic() + 120

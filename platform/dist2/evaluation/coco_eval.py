@@ -1,5 +1,5 @@
 """COCO box evaluation with COCOeval: faster-coco-eval's C++ port by default, pycocotools' own as the reference
-(`eval.backend`; the two agree to within 0.01 points, tests/test_coco_eval.py). Metrics in percent."""
+(`eval.backend`; the two agree to within 0.01 points, tests/test_eval.py). Metrics in percent."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from torch.utils.data import DataLoader
 
 from dist2 import distributed
 from dist2.data.coco import CocoDetection, collate
-from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS, EVAL_BACKENDS
-
-DEFAULT_BACKEND = EVAL_BACKENDS[0]
+from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS, DEFAULT_EVAL_BACKEND, EVAL_BACKENDS
 
 
 def _evaluator(coco_gt: COCO, results: list[dict], backend: str):
@@ -48,22 +46,30 @@ def _percent(value: float) -> float:
     return 100.0 * float(value) if value >= 0 else math.nan  # COCOeval's -1: undefined (no ground truth there)
 
 
-def class_metric(name: str) -> str:
-    """A category's AP metric name: CLASS_AP + its name, with what MLflow refuses in a metric name as "_"."""
-    return CLASS_AP + re.sub(r"[^\w\-. :/]", "_", name)
+def class_metrics(coco_gt: COCO) -> dict[int, str]:
+    """Each category id's AP metric name: CLASS_AP + its name, with what MLflow refuses in a metric name (and "/",
+    which MLflow reads as a path) as "_"; the id is appended where names would meet or nothing is left."""
+    names: dict[int, str] = {}
+    for cat_id in sorted(coco_gt.cats):
+        name = re.sub(r"[^\w\-. ]", "_", str(coco_gt.cats[cat_id]["name"])).strip(" .")[:200]
+        if not name or name in names.values():
+            name = f"{name}_{cat_id}".lstrip("_")
+        names[cat_id] = name
+    return {cat_id: CLASS_AP + name for cat_id, name in names.items()}
 
 
 def _class_aps(evaluator, coco_gt: COCO) -> dict[str, float]:
     """AP over IoU .50:.95 per category, all areas, 100 detections (COCOeval's precision[T, R, K, A, M])."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    names = class_metrics(coco_gt)
     aps = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
         p = precision[:, :, k]
-        aps[class_metric(coco_gt.cats[cat_id]["name"])] = _percent(np.mean(p[p > -1]) if (p > -1).any() else -1)
+        aps[names[cat_id]] = _percent(np.mean(p[p > -1]) if (p > -1).any() else -1)
     return aps
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict], backend: str = DEFAULT_BACKEND,
+def coco_metrics(coco_gt: COCO, results: list[dict], backend: str = DEFAULT_EVAL_BACKEND,
                  per_class: bool = False) -> dict[str, float]:
     """Box AP and AR of COCO detection results (image_id, category_id, bbox xywh, score) against `coco_gt`:
     COCO_METRICS and COCO_RECALLS, and with `per_class` each category's AP under CLASS_AP + its name.
@@ -72,8 +78,10 @@ def coco_metrics(coco_gt: COCO, results: list[dict], backend: str = DEFAULT_BACK
     """
     if not results:
         zeros = dict.fromkeys((*COCO_METRICS, *COCO_RECALLS), 0.0)
-        if per_class:
-            zeros.update({class_metric(cat["name"]): 0.0 for cat in coco_gt.cats.values()})
+        if per_class:  # as COCOeval: 0 where there is ground truth to miss, undefined (NaN) where there is none
+            present = {a["category_id"] for a in coco_gt.anns.values()}
+            zeros.update({name: 0.0 if cat_id in present else math.nan
+                          for cat_id, name in class_metrics(coco_gt).items()})
         return zeros
     evaluator = _evaluator(coco_gt, results, backend)
     metrics = {k: _percent(v) for k, v in zip((*COCO_METRICS, *COCO_RECALLS), evaluator.stats[:12], strict=True)}
@@ -102,7 +110,7 @@ def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batc
 
 
 def evaluate_detections(detect: Callable, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
-                        backend: str = DEFAULT_BACKEND, per_class: bool = False) -> dict[str, float]:
+                        backend: str = DEFAULT_EVAL_BACKEND, per_class: bool = False) -> dict[str, float]:
     """COCO metrics of `detect(images)` on `dataset`. With several workers each predicts its own shard of whole
     batches, the predictions are gathered and COCOeval runs once, on rank 0: the numbers are exactly those of
     one process with the same batch size."""
@@ -113,7 +121,7 @@ def evaluate_detections(detect: Callable, dataset: CocoDetection, device: torch.
 
 
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
-             backend: str = DEFAULT_BACKEND, per_class: bool = False) -> dict:
+             backend: str = DEFAULT_EVAL_BACKEND, per_class: bool = False) -> dict:
     """COCO_METRICS and COCO_RECALLS (percent) of `model` on `dataset`, and per category's AP with `per_class`."""
     was_training = model.training
     model.eval()

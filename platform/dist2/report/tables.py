@@ -42,21 +42,23 @@ def di_methods() -> list[str]:
 REFERENCE_LAMBDA = ("", "1.0")  # Tables 1-3 use the runs at the default λ_DI = λ_feat = 1 (the paper's setting)
 
 
+SPREAD = "|"  # `<metric>|std`, `<metric>|n`: no metric name has it (a category's is sanitised to \w, -, ., space)
+
+
 def class_metrics(frame: pd.DataFrame) -> list[str]:
-    """The per-category AP columns (CLASS_AP + name) of a frame of runs, by name (MLflow keeps no order)."""
-    return sorted(c for c in frame.columns if c.startswith(CLASS_AP))
+    """The per-category AP metrics (CLASS_AP + name) of a frame of runs or cells, by name (MLflow keeps no order)."""
+    return sorted(c for c in frame.columns if c.startswith(CLASS_AP) and SPREAD not in c)
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: mAP mean/std/n, and the same (`<metric>`, `<metric>_std`, `<metric>_n`) for the two
+    """One row per cell: mAP mean/std/n, and the same (`<metric>`, `<metric>|std`, `<metric>|n`) for the two
     teacher-head measures and each category's AP."""
     grouped = runs.groupby(CELL, sort=False)
-    out = grouped["mAP"].agg(mAP="mean", std="std", n="count")
+    columns = [grouped["mAP"].agg(mAP="mean", std="std", n="count")]
     for metric in (*TEACHER_HEAD_METRICS, *class_metrics(runs)):
-        out[metric] = grouped[metric].mean()
-        out[f"{metric}_std"] = grouped[metric].std()
-        out[f"{metric}_n"] = grouped[metric].count()
-    out = out.reset_index()
+        std, n = _spread(metric)
+        columns.append(grouped[metric].agg(**{metric: "mean", std: "std", n: "count"}))
+    out = pd.concat(columns, axis=1).reset_index()
     # Rows in the paper's order whatever order the trials ran in: pairs as they first appear, then the method
     # (teacher, student, baselines, DI, Dist2), the number of strategies, the strategies, λ.
     pair_order = {pair: i for i, pair in enumerate(dict.fromkeys(out[PAIR].apply(tuple, axis=1)))}
@@ -93,7 +95,7 @@ NOISE_RULE = (f"A Δ is marked {ABOVE_NOISE} (above noise) only when both cells 
 
 def _spread(metric: str) -> tuple[str, str]:
     """A cell's std and seed-count columns for `metric` (mAP's are plain `std` and `n`)."""
-    return ("std", "n") if metric == "mAP" else (f"{metric}_std", f"{metric}_n")
+    return ("std", "n") if metric == "mAP" else (f"{metric}{SPREAD}std", f"{metric}{SPREAD}n")
 
 
 def pooled_std(a, b, metric: str = "mAP") -> float:
@@ -271,10 +273,10 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
             "pair": f"{r['teacher']} → {r['student']} ({r['detector']})", "row": method_rows()[r["method"]],
             "strategy": show_strategies(r["strategies"]), "λ_DI": r["lambda_di"] or MISSING,
             "λ_feat": r["lambda_feat"] or MISSING, "mAP": fmt_cell(r),
-            PROBE_COLUMN: fmt(r[PROBE_METRIC], r[f"{PROBE_METRIC}_std"]),
+            PROBE_COLUMN: fmt(r[PROBE_METRIC], r[_spread(PROBE_METRIC)[0]]),
             PROBE_DELTA_COLUMN: "" if base is None or r["method"] == "student"
             else marked_delta(r, base, PROBE_METRIC),
-            TRAINED_COLUMN: fmt(r[TRAINED_METRIC], r[f"{TRAINED_METRIC}_std"])})
+            TRAINED_COLUMN: fmt(r[TRAINED_METRIC], r[_spread(TRAINED_METRIC)[0]])})
     return pd.DataFrame(out)
 
 
@@ -296,13 +298,13 @@ def per_class_table(c: pd.DataFrame) -> pd.DataFrame:
         if base is None or best is None:
             continue
         best_label = f"{method_rows()[best['method']]} ({show_strategies(best['strategies'])})"
-        for metric in [m for m in class_metrics(c) if f"{m}_std" in c.columns]:  # the cells' means, not spreads
+        for metric in class_metrics(c):
             if math.isnan(base[metric]) and math.isnan(best[metric]):
                 continue  # a category this pair's runs never logged (another dataset's, or no final evaluation)
             out.append({
                 "pair": f"{teacher} → {student} ({detector})", "category": metric.removeprefix(CLASS_AP),
-                f"{teacher} (teacher)": MISSING if t is None else fmt(t[metric]),
-                f"{student} (student)": fmt(base[metric], base[f"{metric}_std"]),
-                f"best: {best_label}": fmt(best[metric], best[f"{metric}_std"]),
+                "teacher": MISSING if t is None else fmt(t[metric]),
+                "student": fmt(base[metric], base[_spread(metric)[0]]),
+                "best run": best_label, "best run AP": fmt(best[metric], best[_spread(metric)[0]]),
                 "Δ": marked_delta(best, base, metric)})
     return pd.DataFrame(out)
