@@ -73,3 +73,42 @@ def test_cli_usage_error_exits_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = run_cli("eval", "--annotations", tmp_path / "a.json")
     assert result.returncode == 2 and "needs either CONFIG --checkpoint" in result.stderr
+
+
+def test_a_base_chain_merges_sections_replaces_lists_and_never_inherits_the_name(tmp_path, synth_root):
+    import yaml
+
+    (tmp_path / "cfgs").mkdir()
+    write_config(tmp_path / "root.yaml", tiny_config(tmp_path, synth_root, name="root"))
+    (tmp_path / "cfgs/mid.yaml").write_text(yaml.safe_dump({
+        "base": "../root.yaml", "name": "mid", "train": {"epochs": 3, "lr_steps": [2, 3]},
+        "data": {"train_sizes": [64, 80]}}))
+    (tmp_path / "cfgs/child.yaml").write_text(yaml.safe_dump({
+        "base": "mid.yaml", "name": "child", "train": {"lr_steps": [3]}, "model": {"channels": 64}}))
+    child = load_config(tmp_path / "cfgs/child.yaml")
+    root = load_config(tmp_path / "root.yaml")
+    assert child.name == "child"
+    assert (child.train.epochs, child.train.lr_steps, child.train.lr) == (3, [3], root.train.lr)  # a list: replaced
+    assert child.data.train_sizes == [64, 80] and child.data.test_size == root.data.test_size  # sections: merged
+    assert child.model.channels == 64 and child.model.backbone == root.model.backbone
+    # The resolved config is what is flattened for MLflow: no trace of `base`.
+    assert not any(key.startswith("base") for key in flatten(child))
+    (tmp_path / "cfgs/nameless.yaml").write_text(yaml.safe_dump({"base": "mid.yaml"}))
+    with pytest.raises(UserError, match="name: Field required"):
+        load_config(tmp_path / "cfgs/nameless.yaml")
+
+
+@pytest.mark.parametrize("case", ["cycle", "missing"])
+def test_a_broken_base_chain_is_an_error_naming_the_chain(tmp_path, case, capsys):
+    import yaml
+
+    from conftest import cli_in_process
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"base": "b.yaml", "name": "a"}))
+    b.write_text(yaml.safe_dump({"base": "a.yaml" if case == "cycle" else "gone.yaml", "name": "b"}))
+    expected = (f"{a}: base: the chain {a} -> {b} -> {a} is a cycle" if case == "cycle" else
+                f"{b}: base: {tmp_path / 'gone.yaml'} does not exist (chain: {a} -> {b} -> {tmp_path / 'gone.yaml'})")
+    code, err = cli_in_process(capsys, "train", a)
+    assert code == 2 and err.strip() == f"dist2: error: {expected}"
+    assert not (tmp_path / "runs").exists()

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dist2.config_files import read_experiment
 from dist2.errors import UserError
 from dist2.methods import (
     ALIASES,
@@ -286,19 +287,6 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source}: invalid config: " + "; ".join(lines)
 
 
-def read_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config keys at the top level")
-    return raw
-
-
 def validate(model: type[BaseModel], raw: dict, source: str):
     try:
         return model.model_validate(raw)
@@ -307,7 +295,8 @@ def validate(model: type[BaseModel], raw: dict, source: str):
 
 
 def load_config(path: Path | str, overrides: list[str] = ()) -> ExperimentConfig:
-    raw = apply_overrides(read_yaml(Path(path)), list(overrides))
+    """An experiment YAML (its `base:` chain resolved, config_files.py) with `--set` overrides, validated."""
+    raw = apply_overrides(read_experiment(Path(path)), list(overrides))
     return validate(ExperimentConfig, raw, str(path))
 
 

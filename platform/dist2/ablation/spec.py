@@ -22,7 +22,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from dist2.artifacts import CONFIG, WEIGHTS
-from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, read_yaml, validate
+from dist2.config import ExperimentConfig, MethodName, Strict, apply_overrides, validate
+from dist2.config_files import read_experiment, read_yaml
 from dist2.errors import UserError
 from dist2.methods import ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_alias, resolve_strategies
 
@@ -146,7 +147,7 @@ def teacher_key(cfg: ExperimentConfig) -> str:
 
 
 def _resolve(path: Path, overrides: list[str], source: str, update: dict) -> ExperimentConfig:
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = apply_overrides(read_experiment(path), overrides)
     raw.update(update)
     return validate(ExperimentConfig, raw, f"{source} ({path})")
 
@@ -175,7 +176,7 @@ def teacher_runs(spec: AblationConfig, source: Path) -> list[Run]:
 
 
 def _label(pair: Pair, role: str) -> str:
-    return getattr(pair, f"{role}_label") or read_yaml(getattr(pair, role)).get("name", str(getattr(pair, role)))
+    return getattr(pair, f"{role}_label") or read_experiment(getattr(pair, role)).get("name", str(getattr(pair, role)))
 
 
 def _cells(spec: AblationConfig, entry: GridEntry, source: Path):
@@ -228,7 +229,7 @@ def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[R
     for pair in spec.pairs:
         teacher_cfg = _resolve(pair.teacher, spec.set + spec.teacher_set, str(source), {})
         teacher = by_key[teacher_key(teacher_cfg)]
-        student_raw = read_yaml(pair.student)
+        student_raw = read_experiment(pair.student)
         for entry in spec.grid:
             for cell in _cells(spec, entry, source):
                 params = {"detector": teacher.params["detector"], "teacher": teacher.params["teacher"],
