@@ -123,6 +123,43 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     assert result.returncode == 2 and "does not match the configured model" in result.stderr
 
 
+def test_init_checkpoint_strict_non_strict_and_the_mismatch_error(two_epochs, tmp_path, synth_root, capsys):
+    """model.init_checkpoint loads weights before training: all of them (strict), or what fits (init_strict: false,
+    here a checkpoint whose head has another class count); a checkpoint that does not fit a strict init is exit 2
+    naming the keys, before anything is written."""
+    from dist2.engine.train import build_train_task
+
+    from conftest import cli_in_process
+
+    trained = two_epochs.parent / "runs/tiny/model.pth"
+    cfg = load_config(two_epochs, ["name=warm", f"output_dir={tmp_path / 'runs'}",
+                                   f"model.init_checkpoint={trained}"])
+    task, _, _ = build_train_task(cfg, torch.device("cpu"))
+    state = torch.load(trained, weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in task.module.state_dict().items())
+
+    three = build_detector(cfg.model, cfg.data, {1: "a", 2: "b", 3: "c"})  # 3 categories, the data has 6
+    torch.save(three.state_dict(), tmp_path / "three.pth")
+    loose = cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"init_checkpoint": tmp_path / "three.pth", "init_strict": False})})
+    task, _, _ = build_train_task(loose, torch.device("cpu"))
+    loaded = task.module.state_dict()
+    other = [k for k, v in three.state_dict().items() if v.shape != loaded[k].shape]
+    assert other and all("cls_logits" in k for k in other)  # only the class-count-sized layers kept their init
+    assert all(torch.equal(v, loaded[k]) for k, v in three.state_dict().items() if k not in other)
+
+    code, err = cli_in_process(capsys, "train", two_epochs, "--set", "name=strict", "--set",
+                               f"output_dir={tmp_path / 'runs'}", "--set",
+                               f"model.init_checkpoint={tmp_path / 'three.pth'}")
+    assert code == 2 and "three.pth: does not match the configured model" in err and "cls_logits" in err
+    assert "model.init_strict: false loads only the keys that fit" in err and "Traceback" not in err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs/mlflow.db'}")  # as for the teacher guard: no run is left
+    assert not (tmp_path / "runs/strict").exists()
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 @pytest.mark.parametrize("detector", ["fcos", "retinanet"])
 def test_training_learns(tmp_path, synth_root, detector):
     """Overfitting a handful of images must drive mAP on them well above chance: labels, boxes, category

@@ -93,6 +93,10 @@ class ModelConfig(Strict):
     backbone_weights: Optional[Literal["imagenet"]] = None
     weights: Optional[Literal["coco"]] = None  # torchvision's COCO detector weights (resnet50, 256 channels)
     trainable_backbone_layers: Optional[int] = Field(None, ge=0, le=5)
+    # Weights loaded before training (a model.pth or resume.pth: a student pretrained elsewhere, a teacher to
+    # fine-tune); strict = exactly this model's keys and shapes, false = what fits (another class count's head).
+    init_checkpoint: Optional[Path] = None
+    init_strict: bool = True
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     nms_thresh: float = Field(0.6, gt=0.0, le=1.0)
     detections_per_img: int = Field(100, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dist2.checkpoint import initialise
 from dist2.config import ExperimentConfig
 from dist2.data.build import build_datasets, build_unaugmented_train_dataset
 from dist2.distill.distiller import Distiller
@@ -21,6 +22,7 @@ def build_distill_task(cfg: ExperimentConfig, device):
     probe_ds = build_unaugmented_train_dataset(cfg.data)
     teacher, teacher_map = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, train_ds.categories)
+    initialise(student, cfg.model)
     distiller = Distiller(student, teacher, cfg.distill).to(device)
 
     def extra_eval(dataset):

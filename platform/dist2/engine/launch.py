@@ -81,6 +81,8 @@ def _fit_on_ray(cfg: ExperimentConfig, run: RunDir, job: Job, address: str | Non
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Workers do not run in the driver's working directory: every path in the config is made absolute."""
     update = {"output_dir": cfg.output_dir.absolute()}
+    if cfg.model.init_checkpoint is not None:
+        update["model"] = cfg.model.model_copy(update={"init_checkpoint": cfg.model.init_checkpoint.absolute()})
     if cfg.data.root is not None:
         update["data"] = cfg.data.model_copy(update={"root": cfg.data.root.absolute()})
     if cfg.teacher is not None:
