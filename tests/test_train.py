@@ -23,7 +23,7 @@ def two_epochs(tmp_path_factory, synth_root) -> Path:
 def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teacher, tmp_path):
     run_dir = two_epochs.parent / "runs" / "tiny"
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "model.pth", "resume.pth", "metrics.json",
-                                                  "epoch_0001", "epoch_0002"}
+                                                  "epoch_0001", "epoch_0002", "best"}
     assert {p.name for p in (run_dir / "epoch_0002").iterdir()} == {"config.yaml", "model.pth", "resume.pth",
                                                                    "metrics.json"}
     history = read_json(run_dir / "metrics.json")["history"]
@@ -64,6 +64,36 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teach
     assert metrics["mAP"] > 5
     for key, value in metrics.items():  # the six, AR and each category's AP
         assert value == pytest.approx(trained[key], abs=1e-9) if value is not None else trained[key] != trained[key]
+
+
+def test_the_run_folder_keeps_its_best_epoch_and_mlflow_tags_it(two_epochs, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dist2.engine.rundir import RunDir, best_epoch, write_checkpoint
+
+    # Wiring: the two-epoch run's best/ is the checkpoint of its best epoch by mAP, and its MLflow run says which.
+    run_dir = two_epochs.parent / "runs/tiny"
+    history = read_json(run_dir / "metrics.json")["history"]
+    best = best_epoch(history, "mAP")
+    assert read_json(run_dir / "best/metrics.json")["final"] == best
+    assert {p.name for p in (run_dir / "best").iterdir()} == {"config.yaml", "model.pth", "resume.pth", "metrics.json"}
+    client = MlflowClient(f"sqlite:///{two_epochs.parent / 'runs/mlflow.db'}")
+    tags = client.search_runs([client.get_experiment_by_name("dist2").experiment_id])[0].data.tags
+    assert (tags["dist2.best_epoch"], float(tags["dist2.best_value"])) == (str(best["epoch"]),
+                                                                            pytest.approx(best["mAP"], abs=1e-4))
+    # The rule, on epochs whose mAP rises, falls, ties and rises: best/ follows the first of the highest, and an
+    # epoch without evaluation never replaces it.
+    cfg = load_config(two_epochs, [f"output_dir={tmp_path}", "train.best_metric=AP50"])
+    run, seen = RunDir(cfg), []
+    for epoch, ap50 in enumerate([10.0, 30.0, 20.0, None, 30.0, 40.0], start=1):
+        seen.append({"epoch": epoch, **({"AP50": ap50} if ap50 is not None else {})})
+        folder = tmp_path / f"epoch_{epoch}"
+        write_checkpoint(folder, {"w": torch.tensor([float(epoch)])}, {"history": list(seen)}, {}, "r")
+        run.keep_best(folder, seen)
+        kept = read_json(run.folder / "best/metrics.json")["final"]["epoch"]
+        assert kept == {1: 1, 2: 2, 3: 2, 4: 2, 5: 2, 6: 6}[epoch], epoch
+        assert torch.load(run.folder / "best/model.pth")["w"].item() == kept
+    assert not list(run.folder.glob(".best.*"))
 
 
 def test_a_run_of_the_same_name_continues_exactly(two_epochs, tmp_path, synth_root):

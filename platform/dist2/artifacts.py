@@ -5,3 +5,4 @@ WEIGHTS = "model.pth"  # the deployed model's state_dict, loadable into the torc
 RESUME = "resume.pth"  # model (with adapters), optimizer, scheduler, scaler, epoch, history
 CONFIG = "config.yaml"  # the experiment as it ran (overrides applied)
 METRICS = "metrics.json"  # {"history": [per-epoch metrics], "final": {...}, "mlflow_run_id": ...}; written last
+BEST = "best"  # the run folder's copy of the checkpoint folder of its best epoch by train.best_metric

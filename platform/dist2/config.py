@@ -19,10 +19,13 @@ from dist2.errors import UserError
 from dist2.methods import (
     ALIASES,
     ALL2ALL,
+    COCO_METRICS,
+    COCO_RECALLS,
     DEFAULT_EVAL_BACKEND,
     EVAL_BACKENDS,
     METHODS,
     STRATEGIES,
+    TEACHER_HEAD_METRICS,
     check_method,
     resolve_alias,
     resolve_strategies,
@@ -134,6 +137,8 @@ class TrainConfig(Strict):
     amp: bool = True  # mixed precision; only takes effect on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1)  # epochs
+    # The evaluated epoch the run folder keeps in best/ (and tags in MLflow), highest first.
+    best_metric: Literal[COCO_METRICS + COCO_RECALLS + TEACHER_HEAD_METRICS] = "mAP"
 
     @model_validator(mode="after")
     def _steps_within_schedule(self) -> "TrainConfig":

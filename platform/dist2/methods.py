@@ -59,6 +59,8 @@ EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
 DEFAULT_EVAL_BACKEND = EVAL_BACKENDS[0]
 CLASS_AP = "AP/"  # + a category's name: its AP (IoU .50:.95, all areas), at the final evaluation only
 TEACHER_MAP = "teacher_mAP"
+# The run's best evaluated epoch by train.best_metric, and that metric's value there (run folder: best/).
+BEST_EPOCH_TAG, BEST_VALUE_TAG = "dist2.best_epoch", "dist2.best_value"
 
 # The teacher's head on the student's neck (distill/teacher_head.py): through a least-squares probe, for every run
 # with a teacher; through the run's own trained N2N adapter, for runs that have one.

@@ -21,9 +21,10 @@ from dist2 import tracking
 from dist2.artifacts import CONFIG, METRICS, WEIGHTS
 from dist2.config import ExperimentConfig
 from dist2.engine.local_ray import start_ray
-from dist2.engine.rundir import RunDir, read_record
+from dist2.engine.rundir import RunDir, best_epoch, read_record
 from dist2.engine.worker import Job, run_worker
 from dist2.errors import RunFailed, UserError
+from dist2.methods import BEST_EPOCH_TAG, BEST_VALUE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,10 @@ def _close_finished(cfg: ExperimentConfig, source: Path, uri: str, run_id: str) 
     """Log a finished run's missing epochs and its artifacts to MLflow and close it; returns its final metrics."""
     history = read_record(cfg.run_dir)["history"]
     artifacts = [source, cfg.run_dir / CONFIG, cfg.run_dir / WEIGHTS, cfg.run_dir / METRICS]
-    tracking.close_run(uri, run_id, history, artifacts)
+    best = best_epoch(history, cfg.train.best_metric)
+    tags = {} if best is None else {BEST_EPOCH_TAG: str(best["epoch"]),
+                                    BEST_VALUE_TAG: f"{best[cfg.train.best_metric]:.4f}"}
+    tracking.close_run(uri, run_id, history, artifacts, tags=tags)
     return history[-1]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from dist2 import checkpoint
-from dist2.artifacts import CONFIG, METRICS, RESUME, WEIGHTS
+from dist2.artifacts import BEST, CONFIG, METRICS, RESUME, WEIGHTS
 from dist2.config import ExperimentConfig, flatten
 from dist2.errors import UserError
 
@@ -45,6 +45,12 @@ def write_checkpoint(folder: Path, weights: dict, state: dict, cfg: dict, run_id
     tmp = folder / (METRICS + ".tmp")
     tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id}, indent=1))
     os.replace(tmp, folder / METRICS)
+
+
+def best_epoch(history: list[dict], metric: str) -> dict | None:
+    """The evaluated epoch of highest `metric` (the earliest of equals), or None if none was evaluated."""
+    scored = [h for h in history if isinstance(h.get(metric), (int, float)) and h[metric] == h[metric]]
+    return max(scored, key=lambda h: h[metric]) if scored else None  # max keeps the first of equals
 
 
 def epoch_name(epoch: int) -> str:
@@ -98,6 +104,22 @@ class RunDir:
                 return None
             self.copy_final(latest)
         return self.finished()
+
+    def keep_best(self, folder: Path, history: list[dict]) -> None:
+        """Copy the checkpoint folder just written into best/ when its epoch is the best so far (replacing the
+        previous best at once: written beside it, then renamed)."""
+        best = best_epoch(history, self.cfg.train.best_metric)
+        if best is None or best["epoch"] != history[-1]["epoch"]:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fresh, old = self.folder / f".{BEST}.new", self.folder / f".{BEST}.old"
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.copytree(folder, fresh)
+        if (self.folder / BEST).exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.folder / BEST, old)
+        os.replace(fresh, self.folder / BEST)
+        shutil.rmtree(old, ignore_errors=True)
 
     def copy_final(self, folder: Path) -> None:
         """A checkpoint folder's files into the run folder."""

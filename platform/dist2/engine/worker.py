@@ -144,6 +144,7 @@ def run_worker(config: dict) -> dict | None:
             if rank == 0:
                 folder = Path(tempfile.mkdtemp()) if on_ray else run.epoch_folder(epoch)
                 write_checkpoint(folder, task.deploy.state_dict(), state, job.cfg, job.run_id)
+                run.keep_best(folder, state["history"])
             if on_ray:
                 ray.train.report(metrics, checkpoint=folder and ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=epoch_name(epoch))
