@@ -260,3 +260,37 @@ def test_training_on_a_malformed_annotation_file_exits_2_and_leaves_nothing(tmp_
     assert not (tmp_path / "runs" / "tiny").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
+
+
+def test_export_writes_torchscript_whose_detections_equal_the_eager_model(teacher, tmp_path):
+    import json
+
+    from dist2.data.build import build_val_dataset
+    from dist2.export import CATEGORIES_FILE
+
+    teacher_yaml, teacher_dir, _ = teacher
+    out = tmp_path / "deploy/teacher.pt"
+    result = run_cli("export", teacher_yaml, "--checkpoint", teacher_dir / "model.pth", "--out", out)
+    assert result.returncode == 0, result.stderr
+    files = {CATEGORIES_FILE: ""}
+    scripted = torch.jit.load(str(out), _extra_files=files)
+    cfg = load_config(teacher_yaml)
+    val = build_val_dataset(cfg.data)
+    assert json.loads(files[CATEGORIES_FILE]) == {str(i): {"id": c, "name": n}
+                                                  for i, (c, n) in enumerate(val.categories.items())}
+    eager = build_detector(cfg.model, cfg.data, val.categories)
+    eager.load_state_dict(torch.load(teacher_dir / "model.pth", weights_only=True))
+    eager.eval()
+    images = [val[i][0] for i in range(len(val))]
+    with torch.no_grad():
+        expected, got = eager(images), scripted(images)
+    assert sum(len(d["boxes"]) for d in expected) > 0  # a trained model: there is something to compare
+    for e, g in zip(expected, got, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(g[key], e[key], rtol=1e-4, atol=1e-4)
+
+    other = build_detector(cfg.model.model_copy(update={"channels": 64}), cfg.data, val.categories)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    result = run_cli("export", teacher_yaml, "--checkpoint", tmp_path / "other.pth", "--out", tmp_path / "x.pt")
+    assert result.returncode == 2 and "other.pth: does not match the configured model" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()

@@ -51,6 +51,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dist2.config import load_config
+    from dist2.export import export
+
+    out = export(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    log.info("wrote %s (TorchScript: a list of CHW images in [0, 1] -> their detections)", out)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from dist2.evaluation.files import evaluate_checkpoint, evaluate_files
     from dist2.methods import DEFAULT_EVAL_BACKEND
@@ -210,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for results.md and the plots (default with ABLATION: "
                    "<output_dir>/<name>/report, where dist2 ablate writes it)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a checkpoint's detector as a TorchScript file")
+    p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth (or resume.pth) to export")
+    p.add_argument("--out", type=Path, required=True, help="the TorchScript file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="COCO box mAP of a checkpoint, or of a COCO results file")
     p.add_argument("config", type=Path, nargs="?", help="experiment YAML the checkpoint was trained with")
