@@ -221,6 +221,18 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root, teacher)
     assert "teacher_head_mAP" not in probe  # never the probe under the trained adapter's name
     assert probe["teacher_head_probe_mAP"] == pytest.approx(final["teacher_head_probe_mAP"], abs=1e-9)
 
+    # dist2 predict --teacher-head draws the same thing, by the same rule: the trained adapter from resume.pth,
+    # the probe from the bare weights.
+    images = sorted((synth_root / "val").iterdir())[:2]
+    for checkpoint, which in (("resume.pth", "teacher_head_mAP"), ("model.pth", "teacher_head_probe_mAP")):
+        out = tmp_path / f"heads_{which}"
+        result = run_cli("predict", cfg_path, "--checkpoint", run_dir / checkpoint, "--images", *images,
+                         "--out", out, "--teacher-head")
+        assert result.returncode == 0, result.stderr
+        assert f"drawing the teacher's head on the student's neck ({which})" in result.stderr
+        assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in images)
+        assert isinstance(read_json(out / "predictions.json"), list)
+
 
 def test_distill_config_errors(tmp_path, synth_root):
     from dist2.config import load_config

@@ -294,3 +294,35 @@ def test_export_writes_torchscript_whose_detections_equal_the_eager_model(teache
     result = run_cli("export", teacher_yaml, "--checkpoint", tmp_path / "other.pth", "--out", tmp_path / "x.pt")
     assert result.returncode == 2 and "other.pth: does not match the configured model" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_predict_draws_each_image_and_writes_coco_results_that_evaluate_like_the_checkpoint(teacher, tmp_path,
+                                                                                            capsys):
+    from PIL import Image
+
+    from conftest import cli_in_process
+
+    teacher_yaml, teacher_dir, root = teacher  # its validation set is its 8 training images (conftest.SMALL)
+    out = tmp_path / "pictures"
+    result = run_cli("predict", teacher_yaml, "--checkpoint", teacher_dir / "model.pth", "--images", root / "train",
+                     "--out", out, "--score-thresh", "0.3")
+    assert result.returncode == 0, result.stderr
+    inputs = sorted((root / "train").iterdir())
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in inputs)
+    for image in inputs:
+        assert Image.open(out / f"{image.stem}.png").size == Image.open(image).size
+    # predictions.json: COCO results against the val annotations, scoring what `dist2 eval` scores for the checkpoint
+    ann = root / "annotations/instances_train.json"
+    result = run_cli("eval", "--annotations", ann, "--predictions", out / "predictions.json", "--json",
+                     tmp_path / "from_json.json")
+    assert result.returncode == 0, result.stderr
+    assert read_json(tmp_path / "from_json.json")["mAP"] == pytest.approx(
+        read_json(teacher_dir / "metrics.json")["final"]["mAP"], abs=0.05)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    for images, message in ((tmp_path / "empty", "--images: no image files"),
+                            (tmp_path / "broken.png", "broken.png: cannot read image")):
+        code, err = cli_in_process(capsys, "predict", teacher_yaml, "--checkpoint", teacher_dir / "model.pth",
+                                   "--images", images, "--out", tmp_path / "bad")
+        assert code == 2 and message in err and "Traceback" not in err, err

@@ -51,6 +51,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from dist2.config import load_config
+    from dist2.predict import RESULTS, predict
+
+    out = predict(load_config(args.config, args.overrides), args.checkpoint, args.images, args.out,
+                  args.score_thresh, args.teacher_head)
+    log.info("wrote the pictures and %s to %s", RESULTS, out)
+    return 0
+
+
 def cmd_export(args) -> int:
     from dist2.config import load_config
     from dist2.export import export
@@ -219,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for results.md and the plots (default with ABLATION: "
                    "<output_dir>/<name>/report, where dist2 ablate writes it)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="draw a checkpoint's detections on images, and write them as COCO results")
+    p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth (or resume.pth)")
+    p.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or folders of images")
+    p.add_argument("--out", type=Path, required=True, help="folder for one PNG per image and predictions.json")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at or above this score "
+                   "(predictions.json keeps all; default 0.5)")
+    p.add_argument("--teacher-head", action="store_true", help="draw the teacher's head on the student's neck (a "
+                   "distillation config: the run's trained N2N adapter from resume.pth, else the probe)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="a checkpoint's detector as a TorchScript file")
     p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")

@@ -97,11 +97,10 @@ def teacher_head_metrics(student: StagedDetector, teacher: StagedDetector, train
     return metrics
 
 
-def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
-    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics, teacher_head_probe_mAP, and
-    teacher_head_mAP when the checkpoint (a distillation resume state) brings its trained N2N adapter."""
+def load_student_with_teacher(cfg: ExperimentConfig, path, device: torch.device):
+    """A distillation run's student from `path` (model.pth or resume.pth), its frozen teacher, and the student's
+    own trained N2N adapter when the checkpoint (a resume state) brings one, else None."""
     require_distill_sections(cfg, "--teacher-head")
-    device = resolve_device(cfg.train.device)
     val_ds = build_val_dataset(cfg.data)
     teacher, _ = load_teacher(cfg, val_ds, device)
     student = build_detector(cfg.model, cfg.data, val_ds.categories)
@@ -114,6 +113,26 @@ def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
         adapter = Adapter(level_channels(student, "N"), level_channels(teacher, "N"))
         adapter.load_state_dict(trained)
         adapter.to(device)
+    return student, teacher, adapter, val_ds
+
+
+def teacher_head_detector(cfg: ExperimentConfig, path, device: torch.device):
+    """`detect(images)` of the teacher's head on the student's neck, through the run's trained N2N adapter where
+    the checkpoint has one, else the probe (the rule of the teacher-head metrics); and which of the two it is."""
+    student, teacher, adapter, _ = load_student_with_teacher(cfg, path, device)
+    which = TRAINED_METRIC
+    if adapter is None:
+        adapter, which = fit_linear_probe(student, teacher, build_unaugmented_train_dataset(cfg.data), device), \
+            PROBE_METRIC
+    student.eval(), adapter.eval()
+    return (lambda images: teacher_head_detect(student, teacher, adapter, images)), which
+
+
+def evaluate_with_teacher_head(cfg: ExperimentConfig, path) -> dict[str, float]:
+    """`dist2 eval CONFIG --checkpoint PATH --teacher-head`: the student's COCO metrics, teacher_head_probe_mAP, and
+    teacher_head_mAP when the checkpoint (a distillation resume state) brings its trained N2N adapter."""
+    device = resolve_device(cfg.train.device)
+    student, teacher, adapter, val_ds = load_student_with_teacher(cfg, path, device)
     metrics = evaluate(student, val_ds, device, cfg.train.batch_size, cfg.eval.backend, per_class=True)
     probe_ds = build_unaugmented_train_dataset(cfg.data)
     return {**metrics, **teacher_head_metrics(student, teacher, adapter, probe_ds, val_ds, device,
