@@ -138,8 +138,10 @@ def pair(tmp_path_factory) -> dict:
 
 
 def write_ablation(path: Path, pair: dict, output_dir: Path, grid: list, **extra) -> Path:
+    """An ablation file; its report has Table 1 and the teacher-head table unless `tables` is given (the gallery
+    is drawn by the one test that checks it)."""
     spec = {"name": path.stem, "output_dir": str(output_dir), "pairs": [pair], "teacher_min_mAP": 0.0,
-            "grid": grid, **extra}
+            "grid": grid, "tables": ["table1", "teacher_head"], **extra}
     path.write_text(yaml.safe_dump(spec))
     return path
 

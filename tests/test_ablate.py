@@ -54,7 +54,7 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     ablation = write_ablation(tmp_path / "growgrid.yaml", pair, out,
                               [{"method": ["student"], "seed": [0, 1]}, {"method": ["di"], "num_strategies": [1, 2]}],
                               set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
-                              resources={"num_workers": 1, "cpus_per_worker": 2})
+                              resources={"num_workers": 1, "cpus_per_worker": 2}, tables=["table1", "gallery"])
     uri = f"sqlite:///{out / 'mlflow.db'}"
     log = tmp_path / "ablate.log"
     driver = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
@@ -76,7 +76,17 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     grid = _grid(runs)
     assert len(grid) == 4 and len({r.info.run_name for r in grid}) == 4
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5  # the grid and its teacher
-    assert (out / "growgrid" / "report" / "results.md").is_file()
+    # The gallery: per image, the teacher, the student (seed 0), the best DI cell and its teacher head (probe),
+    # drawn from each run's own weights in MLflow, linked from results.md and logged to the pictured runs.
+    report = out / "growgrid" / "report"
+    gallery = (report / "results.md").read_text().split("## Gallery", 1)[1]
+    head = [c.strip() for c in gallery.split("\n|", 1)[1].split("\n", 1)[0].strip("|").split("|")]
+    assert head[:2] == ["teacher", "student"] and head[2].startswith("+ DI (N2N") and head[3].endswith("(probe)")
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", gallery)
+    assert len(links) == 4 * 4 and all((report / link).stat().st_size > 100 for link in links)
+    student = next(r for r in grid if r.data.params["method"] == "student" and r.data.params["seed"] == "0")
+    client = MlflowClient(uri)
+    assert len(client.list_artifacts(student.info.run_id, "gallery/student")) == 4
     assert _max_overlap(grid, before=second) == 1  # one node of 3 CPUs: one 2-CPU trial at a time
     assert _max_overlap(grid) == 2  # the second node took a trial as soon as it joined
     assert len({r.data.tags["dist2.node_ids"] for r in grid}) == 2

@@ -228,6 +228,29 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
+NO_PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def download_artifacts(uri: str, run_id: str, names: list[str], dest: Path) -> dict[str, Path]:
+    """Some of a run's top-level artifacts, downloaded into `dest`: {name: local path} (without MLflow's progress
+    bars, which would fill a report's log)."""
+    client = quick_client(uri)
+    before = os.environ.get(NO_PROGRESS_BARS)
+    os.environ[NO_PROGRESS_BARS] = "false"
+    try:
+        return {name: Path(client.download_artifacts(run_id, name, str(dest))) for name in names}
+    finally:
+        if before is None:
+            del os.environ[NO_PROGRESS_BARS]
+        else:
+            os.environ[NO_PROGRESS_BARS] = before
+
+
+def log_folder(uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
+    """A folder's files as artifacts of a run (finished or not) under `artifact_path`."""
+    quick_client(uri).log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+
 def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float]) -> str:
     """The experiment's summary run (tag dist2.kind = report): created once, its artifacts replaced each time."""
     client = quick_client(uri)
@@ -236,8 +259,11 @@ def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[
     run_id = found[0].info.run_id if found else client.create_run(
         exp_id, run_name="report", tags={"dist2.kind": "report"}).info.run_id
     client.update_run(run_id, status="RUNNING")
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path="report")
+    for path in artifacts:  # files, and folders (the gallery) with what is in them
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=f"report/{Path(path).name}")
+        else:
+            client.log_artifact(run_id, str(path), artifact_path="report")
     if metrics:
         client.log_batch(run_id, metrics=_metrics(metrics, 0))
     client.set_terminated(run_id, "FINISHED")

@@ -27,7 +27,7 @@ from dist2.config_files import read_experiment, read_yaml
 from dist2.errors import UserError
 from dist2.methods import ALL2ALL, METHODS, STRATEGIES, TEACHER, resolve_alias, resolve_strategies
 
-TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head", "per_class")
+TABLES = ("table1", "table2", "table3", "lambda_di", "teacher_head", "per_class", "gallery")
 SCHEMA = ("detector", "teacher", "student", "method", "strategies", "num_strategies", "lambda_di", "lambda_feat",
           "seed")
 

@@ -15,7 +15,7 @@ from dist2 import tracking
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
 from dist2.methods import CLASS_AP, COCO_METRICS, TEACHER_HEAD_METRICS
-from dist2.report import paper, plots, tables
+from dist2.report import gallery, paper, plots, tables
 
 METRICS = (*COCO_METRICS, *TEACHER_HEAD_METRICS)
 TITLES = {
@@ -25,6 +25,7 @@ TITLES = {
     "lambda_di": "λ_DI — the weight of the DI terms",
     "teacher_head": "Teacher-head mAP — the student's neck through the teacher's head",
     "per_class": "Per-category AP — the teacher, the student baseline and the best distillation run",
+    "gallery": "Gallery — what the teacher, the student and the best distillation run detect",
 }
 BUILDERS = {"table1": tables.table1, "table2": tables.table2, "table3": tables.table3,
             "lambda_di": tables.lambda_table, "teacher_head": tables.teacher_head_table,
@@ -53,6 +54,7 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
         **{m: frame.get(f"metrics.{m}", pd.Series(index=frame.index, dtype=float)) for m in METRICS},
         **{c.removeprefix("metrics."): frame[c] for c in frame.columns if c.startswith(f"metrics.{CLASS_AP}")},
         "machine": frame.get(f"tags.{tracking.MACHINE_TAG}", pd.Series(index=frame.index, dtype=object)),
+        "run_id": frame.get("run_id", pd.Series(index=frame.index, dtype=object)),
     })
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
@@ -67,8 +69,10 @@ def provenance(runs: pd.DataFrame, command: str | None) -> list[str]:
     return [line + "  " for line in lines[:-1]] + lines[-1:]  # markdown line breaks
 
 
-def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, command: str | None = None) -> str:
-    """results.md's text; the plots are written to `out` and linked."""
+def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, command: str | None = None,
+           uri: str | None = None) -> str:
+    """results.md's text; the plots (and the gallery's pictures, drawn from the runs in the store at `uri`) are
+    written to `out` and linked."""
     c = tables.cells(runs)
     lines = [f"# {experiment}: results", "", *provenance(runs, command), "",
              f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± sample std "
@@ -76,6 +80,10 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, com
              "Tables 1–3 use the runs at λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); "
              "– = no finished run.", "", tables.NOISE_RULE, ""]
     for name in which:
+        if name == "gallery":
+            lines += [f"## {TITLES[name]}", ""] + (gallery.section(uri, runs, c, out) if uri else
+                                                   ["(no tracking store given: no pictures)", ""])
+            continue
         frame = BUILDERS[name](c)
         lines += [f"## {TITLES[name]}", ""]
         table = frame.to_markdown(index=False, disable_numparse=True) if not frame.empty else "(no runs for this table)"
@@ -98,7 +106,9 @@ def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"
     command = tracking.experiment_tag(uri, experiment, tracking.COMMAND_TAG)
-    path.write_text(render(runs, list(which), out, experiment, command) + "\n")
+    path.write_text(render(runs, list(which), out, experiment, command, uri) + "\n")
     artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
+    if "gallery" in which and (out / gallery.FOLDER).is_dir():
+        artifacts.append(out / gallery.FOLDER)
     tracking.log_summary(uri, experiment, artifacts, extra_metrics or {})
     return path

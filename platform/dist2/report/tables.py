@@ -280,7 +280,7 @@ def teacher_head_table(c: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _best_distilled(c: pd.DataFrame, pair: tuple):
+def best_distilled(c: pd.DataFrame, pair: tuple):
     """The pair's distillation cell of highest mean mAP (at λ = 1), or None."""
     mine = c[(c[PAIR].apply(tuple, axis=1) == pair) & ~c["method"].isin([TEACHER, "student"])]
     return mine.loc[mine["mAP"].idxmax()] if len(mine) else None
@@ -294,7 +294,7 @@ def per_class_table(c: pd.DataFrame) -> pd.DataFrame:
     out = []
     for pair in pairs(c):
         detector, teacher, student = pair
-        base, best, t = student_cell(c, pair), _best_distilled(c, pair), _teacher_row(c, detector, teacher)
+        base, best, t = student_cell(c, pair), best_distilled(c, pair), _teacher_row(c, detector, teacher)
         if base is None or best is None:
             continue
         best_label = f"{method_rows()[best['method']]} ({show_strategies(best['strategies'])})"
