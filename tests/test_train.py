@@ -321,8 +321,14 @@ def test_predict_draws_each_image_and_writes_coco_results_that_evaluate_like_the
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    for images, message in ((tmp_path / "empty", "--images: no image files"),
-                            (tmp_path / "broken.png", "broken.png: cannot read image")):
-        code, err = cli_in_process(capsys, "predict", teacher_yaml, "--checkpoint", teacher_dir / "model.pth",
+    cfg = load_config(teacher_yaml)
+    other = build_detector(cfg.model.model_copy(update={"channels": 64}), cfg.data, {1: "a"})
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    for images, weights, message in ((tmp_path / "empty", "model.pth", "--images: no image files"),
+                                     (tmp_path / "broken.png", "model.pth", "broken.png: cannot read image"),
+                                     (root / "train", "other.pth", "other.pth: does not match the configured model")):
+        checkpoint = tmp_path / weights if weights == "other.pth" else teacher_dir / weights
+        code, err = cli_in_process(capsys, "predict", teacher_yaml, "--checkpoint", checkpoint,
                                    "--images", images, "--out", tmp_path / "bad")
         assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()  # checked before anything is written

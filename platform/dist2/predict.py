@@ -45,6 +45,12 @@ def find_images(sources: list[Path]) -> list[Path]:
             raise UserError(f"--images: {source} does not exist")
     if not found:
         raise UserError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, sources))}")
+    for path in found:  # every image readable before anything is written
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read image ({exc})") from None
     stems = [p.stem for p in found]
     if len(set(stems)) < len(stems):
         twice = sorted({s for s in stems if stems.count(s) > 1})
@@ -62,6 +68,7 @@ def _read(path: Path) -> torch.Tensor:
 
 def predict(cfg: ExperimentConfig, checkpoint: Path, sources: list[Path], out: Path, score_thresh: float = 0.5,
             teacher_head: bool = False) -> Path:
+    """Checked first (images, then the checkpoint), written after: a mistake leaves `out` untouched."""
     paths = find_images(sources)
     device = resolve_device(cfg.train.device)
     val = build_val_dataset(cfg.data)
