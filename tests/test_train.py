@@ -40,7 +40,9 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teach
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{two_epochs.parent / 'runs/mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("dist2").experiment_id])[0]
+    experiment = client.get_experiment_by_name("dist2")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
+    run = client.search_runs([experiment.experiment_id])[0]
     for name in per_class:
         assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)] == [(2, history[1][name])]
 

@@ -76,6 +76,10 @@ def unusable(uri: str, exc: Exception) -> UserError:
                      f"{str(exc).splitlines()[0][:300]}); start it, or pass --tracking-uri")
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(uri: str, experiment: str) -> str:
     """The id of the named experiment, created if needed. Raises UserError when the store is not usable."""
     client = quick_client(uri)
@@ -83,7 +87,8 @@ def experiment_id(uri: str, experiment: str) -> str:
         found = client.get_experiment_by_name(experiment)
         if found is None:
             try:
-                return client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+                return client.create_experiment(experiment, artifact_location=_artifact_root(uri),
+                                                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
             except Exception:
                 found = client.get_experiment_by_name(experiment)  # created by a process started beside us
                 if found is None:
