@@ -86,7 +86,9 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     assert len(links) == 4 * 4 and all((report / link).stat().st_size > 100 for link in links)
     student = next(r for r in grid if r.data.params["method"] == "student" and r.data.params["seed"] == "0")
     client = MlflowClient(uri)
-    assert len(client.list_artifacts(student.info.run_id, "gallery/student")) == 4
+    logged = sorted(a.path for a in client.list_artifacts(student.info.run_id, "gallery/student"))
+    assert logged == [f"gallery/student/{Path(link).name}" for link in links[1::4]] + [
+        "gallery/student/predictions.json"]  # its four pictures and its detections as COCO results
     assert _max_overlap(grid, before=second) == 1  # one node of 3 CPUs: one 2-CPU trial at a time
     assert _max_overlap(grid) == 2  # the second node took a trial as soon as it joined
     assert len({r.data.tags["dist2.node_ids"] for r in grid}) == 2
