@@ -267,3 +267,24 @@ def test_ablation_file_mistakes_exit_2_before_anything_runs(pair, tmp_path, caps
     result = run_cli("ablate", tmp_path / "bad0.yaml")
     assert result.returncode == 2 and "dist2: error:" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()  # nothing started: no run folder, no MLflow store
+
+
+def test_mlflow_run_names_lead_with_what_differs_and_never_meet(monkeypatch):
+    from dist2.ablation.spec import grid_runs, load_ablation, teacher_runs
+
+    monkeypatch.chdir(REPO)  # the ablation files name experiment files relative to the repository root
+
+    def names(path: str) -> list[str]:
+        spec = load_ablation(Path(path))
+        teachers = teacher_runs(spec, Path(path))
+        return [r.label for r in teachers + grid_runs(spec, Path(path), teachers)]
+
+    assert sorted(names("ablations/quickstart.yaml")) == sorted([
+        "teacher ResNet10-C64", "student s0", "student s1", "dist2 All2All s0", "dist2 All2All s1", "fi N2N s0",
+        "di N2N s0"])
+    table1 = names("ablations/quick_table1.yaml")  # two pairs of one label: told apart by their detector
+    assert {"fcos teacher ResNet10-C64", "retina teacher ResNet10-C64", "fcos dist2 All2All s2",
+            "retina nonlocal N2N s0", "retina student s1"} <= set(table1)
+    assert len({name[:25] for name in table1}) == len(table1) == 38  # distinct in a 25-character column
+    full = names("ablations/quick_full.yaml")  # λ sweeps: a λ appears where the grid's λ values differ
+    assert len(set(full)) == len(full) and "fcos dist2 All2All λ2 s0" in full and "fcos di N2N+B2B λ1 s0" in full

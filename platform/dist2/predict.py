@@ -4,7 +4,8 @@ For each input image: OUT/<stem>.png, the image at its own size with the detecti
 drawn (torchvision's draw_bounding_boxes: box, category name, score). And OUT/predictions.json: every detection of
 every image as COCO results (image_id, category_id, bbox xywh in the image's own pixels, score), with the dataset's
 category ids; an image that is in the config's validation annotations keeps its image id there (so the file
-evaluates against them), any other image is numbered from 1 in input order and named by "file_name".
+evaluates against them), any other image gets an id after the largest of them, in input order; every result also
+names its image by "file_name".
 
 --teacher-head draws what the teacher's head makes of the student's neck (a distillation config): through the
 run's trained N2N adapter where the checkpoint (a resume.pth) has one, else through the least-squares probe.
@@ -82,6 +83,7 @@ def predict(cfg: ExperimentConfig, checkpoint: Path, sources: list[Path], out: P
         load_weights(model, checkpoint)
         detect = model.to(device).eval()
     known = {Path(info["file_name"]).name: image_id for image_id, info in val.coco.imgs.items()}
+    first_new = max(val.coco.imgs, default=0) + 1  # other images are numbered after the val set's ids
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -91,7 +93,8 @@ def predict(cfg: ExperimentConfig, checkpoint: Path, sources: list[Path], out: P
         with torch.no_grad():
             found = detect([image.to(device) for _, _, image in chunk])
         for (index, path, image), detections in zip(chunk, found, strict=True):
-            results += _draw_and_list(image, path, detections, known.get(path.name, index), val, out, score_thresh)
+            image_id = known.get(path.name, first_new + index - 1)
+            results += _draw_and_list(image, path, detections, image_id, val, out, score_thresh)
     (out / RESULTS).write_text(json.dumps(results))
     return out
 

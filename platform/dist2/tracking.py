@@ -111,7 +111,7 @@ def experiment_tag(uri: str, experiment: str, key: str) -> str | None:
 
 
 def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, experiment: str,
-             extra_tags: dict[str, str], extra_params: dict[str, str]) -> str:
+             extra_tags: dict[str, str], extra_params: dict[str, str], run_name: str | None = None) -> str:
     """Start the MLflow run of `cfg` (or mark a resumed one running again). Raises UserError, before any
     training, when the tracking server cannot be reached.
 
@@ -127,7 +127,7 @@ def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, exp
             if stale.info.status in ("RUNNING", "KILLED"):
                 client.delete_run(stale.info.run_id)
         tags = {"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
-        run = client.create_run(exp_id, run_name=cfg.name, tags=tags)
+        run = client.create_run(exp_id, run_name=run_name or cfg.name, tags=tags)
         log_params(client, run.info.run_id, {**flatten(cfg), **extra_params})
         return run.info.run_id
     except UserError:
@@ -216,10 +216,10 @@ def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
 
 
 def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: str, history: list[dict],
-                        params: dict[str, str], tags: dict[str, str]) -> str:
+                        params: dict[str, str], tags: dict[str, str], run_name: str | None = None) -> str:
     """A finished MLflow run for a run done before (a reused teacher): its params, tags and epochs' metrics."""
     client = quick_client(uri)
-    run = client.create_run(experiment_id(uri, experiment), run_name=cfg.name,
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name or cfg.name,
                             tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
     close_run(uri, run.info.run_id, history, [cfg.run_dir / CONFIG, cfg.run_dir / METRICS])

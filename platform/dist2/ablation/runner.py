@@ -56,6 +56,7 @@ class TrialJob:
     tracking_uri: str
     experiment: str  # the ablation's MLflow experiment
     source: str  # the ablation file, logged as the run's config artifact
+    run_name: str = ""  # its MLflow run name (Run.label); a grid saved before run names restores without it
 
 
 def _trial_name(trial) -> str:
@@ -64,7 +65,7 @@ def _trial_name(trial) -> str:
 
 def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str) -> TrialJob:
     return TrialJob(cfg=run.cfg.model_dump(mode="json", by_alias=True), kind=run.kind, params=run.params,
-                    tracking_uri=tracking_uri, experiment=experiment, source=source)
+                    tracking_uri=tracking_uri, experiment=experiment, source=source, run_name=run.label)
 
 
 def _trial(config: dict) -> None:
@@ -82,7 +83,7 @@ def _trial(config: dict) -> None:
     # A trial run again (the driver died before Tune recorded it) reuses or closes its finished run.
     metrics = launch(cfg, job.kind, Path(job.source), tracking_uri=job.tracking_uri, experiment=job.experiment,
                      params=job.params, tags={"dist2.ablation": job.experiment}, in_process=True,
-                     reuse_finished=True)
+                     reuse_finished=True, run_name=job.run_name or None)
     result = {k: float(metrics[k]) for k in REPORTED if isinstance(metrics.get(k), (int, float))}
     tune.report({**result, "trial_wall_s": time.monotonic() - started})
 
@@ -197,7 +198,7 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) ->
     record = RunDir(run.cfg).finished()
     tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"],
                                  {**run.params}, {"dist2.ablation": experiment, "dist2.config": str(source),
-                                                  "dist2.reused_from": record["mlflow_run_id"]})
+                                                  "dist2.reused_from": record["mlflow_run_id"]}, run.label)
 
 
 def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -113,6 +113,7 @@ class Run:
     cfg: ExperimentConfig
     kind: str  # "train" (a teacher) or "distill" (a student cell: the baseline too, method "student")
     params: dict[str, str]
+    label: str = ""  # its MLflow run name: what tells it apart in the UI's runs table (see mlflow_names)
 
 
 def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
@@ -173,7 +174,7 @@ def teacher_runs(spec: AblationConfig, source: Path) -> list[Run]:
                                        "student": "", "method": TEACHER, "strategies": "",
                                        "num_strategies": "0", "lambda_di": "", "lambda_feat": "",
                                        "seed": str(cfg.seed)})
-    return list(runs.values())
+    return mlflow_names(list(runs.values()))
 
 
 def _label(pair: Pair, role: str) -> str:
@@ -254,4 +255,49 @@ def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[R
                 runs.setdefault(name, Run(cfg, "distill", params))
     if not runs:
         raise UserError(f"{source}: the grid is empty after `skip`")
-    return list(runs.values())
+    return mlflow_names(list(runs.values()))
+
+
+DETECTOR_TAGS = {"fcos": "fcos", "retinanet": "retina"}
+
+
+def _pair_tags(pairs: list[tuple[str, str, str]]) -> dict[tuple, str]:
+    """A short tag per (detector, teacher, student) when the runs span several pairs, "" for one."""
+    pairs = list(dict.fromkeys(pairs))
+    if len(pairs) < 2:
+        return dict.fromkeys(pairs, "")
+    for make in (lambda d, t, s: DETECTOR_TAGS.get(d, d), lambda d, t, s: f"{DETECTOR_TAGS.get(d, d)}·{s[:4]}",
+                 lambda d, t, s: f"{DETECTOR_TAGS.get(d, d)}·{t[:4]}→{s[:4]}"):
+        tags = {pair: make(*pair) for pair in pairs}
+        if len(set(tags.values())) == len(pairs):
+            return tags
+    return {pair: f"P{i + 1}" for i, pair in enumerate(pairs)}
+
+
+def mlflow_names(runs: list[Run]) -> list[Run]:
+    """The runs labelled with MLflow run names that lead with what differs, e.g. `dist2 All2All s0`,
+    `di N2N+B2B s1`, `student s0`, `teacher ResNet10-C64`: a λ only where the runs' λ values differ, a short pair tag
+    in front where they span several pairs (`retina·MV2 di N2N s0`). The run folders, Tune trials and grid cells
+    keep their full names; the pair, detector and config are in the run's params."""
+    params = [r.params for r in runs]
+    tags = _pair_tags([(p["detector"], p["teacher"], p["student"]) for p in params if p["method"] != TEACHER])
+    varies = {key: len({p[key] for p in params if p[key]}) > 1 for key in ("lambda_di", "lambda_feat")}
+
+    def core(p: dict[str, str]) -> str:
+        if p["method"] == TEACHER:
+            return f"teacher {p['teacher']}"
+        if not p["strategies"]:
+            return f"{p['method']} s{p['seed']}"
+        chosen = p["strategies"].split(",")
+        strategies = ALL2ALL if len(chosen) == len(STRATEGIES) else "+".join(s for s in STRATEGIES if s in chosen)
+        lambdas = "".join(f" {symbol}{float(p[key]):g}" for key, symbol in (("lambda_di", "λ"), ("lambda_feat", "λf"))
+                          if p[key] and varies[key])
+        return f"{p['method']} {strategies}{lambdas} s{p['seed']}"
+
+    names = [" ".join(filter(None, (tags.get((p["detector"], p["teacher"], p["student"]), ""), core(p))))
+             for p in params]
+    for tell in (lambda r: DETECTOR_TAGS.get(r.params["detector"]), lambda r: r.cfg.name):
+        if len(set(names)) == len(names):
+            break  # e.g. two teachers of one label: their detector, else their config names, tell them apart
+        names = [f"{tell(r)} {name}" if names.count(name) > 1 else name for name, r in zip(names, runs, strict=True)]
+    return [replace(r, label=name) for r, name in zip(runs, names, strict=True)]

@@ -95,11 +95,12 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None = None,
            tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
            params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
-           in_process: bool | None = None, reuse_finished: bool = False) -> dict:
+           in_process: bool | None = None, reuse_finished: bool = False, run_name: str | None = None) -> dict:
     """Run (or continue) the experiment; returns its final metrics. Files: cfg.run_dir/{config.yaml,
     model.pth, resume.pth, metrics.json} and the epoch checkpoints under storage_path/name.
 
-    `params` and `tags` are logged to MLflow beside the config. `in_process` forces (True) or forbids (False)
+    `params` and `tags` are logged to MLflow beside the config; `run_name` names a new MLflow run (default: the
+    run's own name). `in_process` forces (True) or forbids (False)
     running the one worker in this process; by default one worker runs here unless a cluster address is given.
     A run that has already finished is an error, unless `reuse_finished` (an ablation's trial run again).
     """
@@ -117,7 +118,7 @@ def launch(cfg: ExperimentConfig, kind: str, source: Path, address: str | None =
     previous = read_record(latest) if latest else None
     previous_id = previous and previous["mlflow_run_id"]
     run_id = tracking.open_run(uri, cfg, kind, previous_id, experiment,
-                               {"dist2.config": str(source), **(tags or {})}, params or {})
+                               {"dist2.config": str(source), **(tags or {})}, params or {}, run_name)
     if previous:
         log.info("%s: continuing after epoch %d of %d", cfg.name, previous["final"]["epoch"], cfg.train.epochs)
     job = Job(cfg=cfg.model_dump(mode="json", by_alias=True), kind=kind, tracking_uri=uri, run_id=run_id,
