@@ -109,7 +109,8 @@ def _draw_and_list(image, path: Path, found: dict, image_id: int, val, out: Path
     keep = scores >= score_thresh
     names = [f"{val.categories[val.category_ids[label]]} {score:.2f}"
              for label, score in zip(labels[keep].tolist(), scores[keep].tolist(), strict=True)]
-    drawn = draw_bounding_boxes(F.to_dtype(image, torch.uint8, scale=True), boxes[keep], labels=names,
-                                colors="red", width=2)
+    drawn = F.to_dtype(image, torch.uint8, scale=True)
+    if names:  # torchvision warns on an empty set of boxes
+        drawn = draw_bounding_boxes(drawn, boxes[keep], labels=names, colors="red", width=2)
     F.to_pil_image(drawn).save(out / f"{path.stem}.png")
     return results
