@@ -184,6 +184,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _checkpoint_arguments(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """CONFIG [--set KEY=VALUE ...] --checkpoint PATH: what every command on a trained checkpoint takes."""
+    p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", type=Path, required=True, help=checkpoint_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist2.config import SynthConfig
     from dist2.methods import DEFAULT_EVAL_BACKEND, EVAL_BACKENDS
@@ -231,9 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="draw a checkpoint's detections on images, and write them as COCO results")
-    p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth (or resume.pth)")
+    _checkpoint_arguments(p, "model.pth (or resume.pth)")
     p.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or folders of images")
     p.add_argument("--out", type=Path, required=True, help="folder for one PNG per image and predictions.json")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at or above this score "
@@ -243,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="a checkpoint's detector as a TorchScript file")
-    p.add_argument("config", type=Path, help="experiment YAML the checkpoint was trained with")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--checkpoint", type=Path, required=True, help="model.pth (or resume.pth) to export")
+    _checkpoint_arguments(p, "model.pth (or resume.pth) to export")
     p.add_argument("--out", type=Path, required=True, help="the TorchScript file to write")
     p.set_defaults(func=cmd_export)
 

@@ -18,17 +18,21 @@ from dist2.modeling.detectors import build_architecture
 log = logging.getLogger(__name__)
 
 
-def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.device):
-    """Build the teacher from its own experiment file, load its checkpoint (exact keys and shapes), and check its
-    val mAP against the floor: a teacher that silently failed to load must never be distilled from.
-    Returns (the frozen teacher, its val mAP)."""
+def frozen_teacher(cfg: ExperimentConfig, num_classes: int, device: torch.device):
+    """The teacher built from its own experiment file, its checkpoint loaded (exact keys and shapes), frozen."""
     teacher_cfg = load_config(cfg.teacher.config)
     if teacher_cfg.model.detector != cfg.model.detector:
         raise UserError(f"teacher.config: {cfg.teacher.config} is a {teacher_cfg.model.detector} teacher but the "
                         f"student is {cfg.model.detector}; DI runs the teacher's head, so they must match")
-    teacher = build_architecture(teacher_cfg.model, cfg.data, len(val_ds.categories), download=False)
+    teacher = build_architecture(teacher_cfg.model, cfg.data, num_classes, download=False)
     load_weights(teacher, cfg.teacher.checkpoint)
-    teacher = freeze(teacher.to(device))
+    return freeze(teacher.to(device))
+
+
+def load_teacher(cfg: ExperimentConfig, val_ds: CocoDetection, device: torch.device):
+    """The frozen teacher with its val mAP checked against the floor: a teacher that silently failed to load must
+    never be distilled from. Returns (the frozen teacher, its val mAP)."""
+    teacher = frozen_teacher(cfg, len(val_ds.categories), device)
     score = evaluate(teacher, val_ds, device, cfg.train.batch_size, cfg.eval.backend)["mAP"]
     if not score >= cfg.teacher.min_mAP:
         raise UserError(f"teacher.checkpoint: {cfg.teacher.checkpoint} scores {score:.2f} mAP on the val set, below "

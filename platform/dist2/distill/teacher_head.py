@@ -23,7 +23,7 @@ from dist2.data.build import build_unaugmented_train_dataset, build_val_dataset
 from dist2.data.coco import CocoDetection, collate
 from dist2.distill.adapters import Adapter
 from dist2.distill.distiller import level_channels
-from dist2.distill.teacher import load_teacher, require_distill_sections
+from dist2.distill.teacher import frozen_teacher, load_teacher, require_distill_sections
 from dist2.distributed import resolve_device
 from dist2.evaluation import evaluate, evaluate_detections
 from dist2.methods import PROBE_METRIC, TRAINED_METRIC
@@ -97,12 +97,14 @@ def teacher_head_metrics(student: StagedDetector, teacher: StagedDetector, train
     return metrics
 
 
-def load_student_with_teacher(cfg: ExperimentConfig, path, device: torch.device):
-    """A distillation run's student from `path` (model.pth or resume.pth), its frozen teacher, and the student's
-    own trained N2N adapter when the checkpoint (a resume state) brings one, else None."""
+def load_student_with_teacher(cfg: ExperimentConfig, path, device: torch.device, check_teacher: bool = True):
+    """A distillation run's student from `path` (model.pth or resume.pth), its frozen teacher (its val mAP checked
+    against teacher.min_mAP with `check_teacher`, as a distillation run does), and the student's own trained N2N
+    adapter when the checkpoint (a resume state) brings one, else None."""
     require_distill_sections(cfg, "--teacher-head")
     val_ds = build_val_dataset(cfg.data)
-    teacher, _ = load_teacher(cfg, val_ds, device)
+    teacher = load_teacher(cfg, val_ds, device)[0] if check_teacher else \
+        frozen_teacher(cfg, len(val_ds.categories), device)
     student = build_detector(cfg.model, cfg.data, val_ds.categories)
     load_weights(student, path)
     student.to(device)
@@ -119,11 +121,12 @@ def load_student_with_teacher(cfg: ExperimentConfig, path, device: torch.device)
 def teacher_head_detector(cfg: ExperimentConfig, path, device: torch.device):
     """`detect(images)` of the teacher's head on the student's neck, through the run's trained N2N adapter where
     the checkpoint has one, else the probe (the rule of the teacher-head metrics); and which of the two it is."""
-    student, teacher, adapter, _ = load_student_with_teacher(cfg, path, device)
+    # Pictures, not a distillation: the teacher's weights must fit exactly, its val mAP need not be measured.
+    student, teacher, adapter, _ = load_student_with_teacher(cfg, path, device, check_teacher=False)
     which = TRAINED_METRIC
     if adapter is None:
-        adapter, which = fit_linear_probe(student, teacher, build_unaugmented_train_dataset(cfg.data), device), \
-            PROBE_METRIC
+        adapter = fit_linear_probe(student, teacher, build_unaugmented_train_dataset(cfg.data), device)
+        which = PROBE_METRIC
     student.eval(), adapter.eval()
     return (lambda images: teacher_head_detect(student, teacher, adapter, images)), which
 

@@ -37,7 +37,7 @@ def _first_run(runs: pd.DataFrame, pair: tuple, method: str, strategies: str | N
         mine = mine[mine["student"] == student]
     if strategies is not None:
         mine = mine[mine["strategies"] == strategies]
-    mine = mine[mine["lambda_di"].isin(tables.REFERENCE_LAMBDA) & mine["lambda_feat"].isin(tables.REFERENCE_LAMBDA)]
+    mine = tables.at_reference(mine)
     return mine.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce")).iloc[0] if len(mine) else None
 
 
@@ -70,10 +70,13 @@ def _draw(uri: str, run: pd.Series, out: Path, what: str) -> list[Path]:
     from dist2.predict import predict
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = tracking.download_artifacts(uri, run["run_id"], [CONFIG, WEIGHTS], Path(tmp))
-        cfg, weights = load_config(files[CONFIG]), files[WEIGHTS]
+        files = tracking.download_artifacts(uri, run["run_id"], [CONFIG] if what == ITS_TEACHER else [CONFIG, WEIGHTS],
+                                            Path(tmp))
+        cfg = load_config(files[CONFIG])
         if what == ITS_TEACHER:
             cfg, weights = load_config(cfg.teacher.config), cfg.teacher.checkpoint
+        else:
+            weights = files[WEIGHTS]
         val = build_val_dataset(cfg.data)
         images = [val.image_dir / val.coco.imgs[i]["file_name"] for i in val.ids[:IMAGES]]
         predict(cfg, weights, images, out, SCORE, teacher_head=what == TEACHER_HEAD)
