@@ -21,6 +21,10 @@ def _isolated_cache(tmp_path_factory):
     os.environ["DIST2_CACHE"] = str(tmp_path_factory.mktemp("dist2-cache"))
     # The local Ray clusters the tests start (in-process and through the CLI) run without token auth.
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # MLflow's system metrics every second (a run's default: averages of three 10 s samples), so that the tests'
+    # runs of seconds have some.
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,17 @@ through `ray job submit` with Ray's token auth and through `--address`, logging 
 PostgreSQL and to SQLite: teachers trained once and reused, Train inside Tune across both nodes, resume after the
 driver is killed, and the ablation file's mistakes."""
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -62,7 +65,7 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     try:
         time.sleep(12)
         assert driver.poll() is None, log.read_text()[-3000:]  # waiting, not refused
-        assert not _poll_runs(uri, "growgrid")  # and nothing started
+        assert [r.data.tags["dist2.kind"] for r in _poll_runs(uri, "growgrid")] == ["ablation"]  # nothing started
         cluster["add_node"]()
         deadline = time.monotonic() + 600
         while not any(r.info.status == "FINISHED" for r in _grid(_poll_runs(uri, "growgrid"))):
@@ -72,7 +75,7 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
         assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         driver.kill()
-    runs = [r for r in _poll_runs(uri, "growgrid") if r.data.tags.get("dist2.kind") != "report"]
+    runs = [r for r in _poll_runs(uri, "growgrid") if r.data.tags.get("dist2.kind") != "ablation"]
     grid = _grid(runs)
     assert len(grid) == 4 and len({r.info.run_name for r in grid}) == 4
     assert all(r.info.status == "FINISHED" for r in runs) and len(runs) == 5  # the grid and its teacher
@@ -133,25 +136,27 @@ def test_gpu_trials_take_one_declared_gpu_each_and_get_cuda_visible_devices(clus
                for r in grid)
 
 
-def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
-    """Kill `dist2 ablate` mid-grid, once a trial has finished and another is part-way (its epoch 1 checkpointed),
-    then --resume: finished trials are not rerun, the part-way one continues in its own MLflow run, every trial
-    ends with exactly one MLflow run (deleted ones counted), each epoch logged once."""
+@pytest.fixture(scope="module")
+def resumed(cluster, pair, out, tmp_path_factory) -> dict:
+    """`dist2 ablate` killed mid-grid, once a trial has finished and another is part-way (its epoch 1
+    checkpointed), then run again with --resume: its store, and what the first run had left at the kill."""
     cluster["grow"]()
-    ablation = write_ablation(tmp_path / "resumegrid.yaml", pair, out,
+    tmp = tmp_path_factory.mktemp("resume")
+    ablation = write_ablation(tmp / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
                               set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
                               resources={"num_workers": 1, "cpus_per_worker": 1})
     uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {**cluster["env"]}
     first = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
-                              cluster["address"]], env=env, stdout=(tmp_path / "first.log").open("w"),
+                              cluster["address"]], env=env, stdout=(tmp / "first.log").open("w"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
     finished, part_way = [], {}
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.5)
-        grid = _grid(_poll_runs(uri, "resumegrid"))
+        runs = _poll_runs(uri, "resumegrid")
+        grid = _grid(runs)
         finished = [r for r in grid if r.info.status == "FINISHED"]
         # A trial between its epochs: epoch 1's checkpoint complete, epoch 2 not yet.
         part_way = {r.info.run_name: r.info.run_id for r in grid if r.info.status == "RUNNING"
@@ -162,11 +167,18 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert finished and part_way and first.poll() is None, "no moment with a finished and a part-way trial"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    parents = [r.info.run_id for r in runs if r.data.tags.get("dist2.kind") == "ablation"]
     before = {r.info.run_name: (r.info.end_time, (Path(r.data.tags["dist2.run_dir"]) / "model.pth").stat().st_mtime)
               for r in finished}
-
     second = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--resume", "--address",
                              cluster["address"]], env=env, capture_output=True, text=True, timeout=900)
+    return {"uri": uri, "second": second, "part_way": part_way, "before": before, "parents": parents}
+
+
+def test_resume_after_the_driver_is_killed(resumed):
+    """Finished trials are not rerun, the part-way one continues in its own MLflow run, every trial ends with
+    exactly one MLflow run (deleted ones counted), each epoch logged once; the grid keeps its parent run."""
+    second, uri, part_way, before = resumed["second"], resumed["uri"], resumed["part_way"], resumed["before"]
     assert second.returncode == 0, second.stderr[-3000:]
     assert "no grid state to restore" not in second.stderr  # Tuner.restore, not a fresh grid
     # Only dist2's lines: no Tune configuration box or TensorBoard hint, no Ray Train report lines.
@@ -194,6 +206,42 @@ def test_resume_after_the_driver_is_killed(cluster, pair, out, tmp_path):
     assert len(teacher) == 1 and teacher[0].info.status == "FINISHED"
     assert "teacher(s) (0 to train)" in second.stderr
 
+    # A tree in the MLflow UI: one parent for the whole ablation, the same before the kill and after the resume,
+    # holding the ablation file and the report; every teacher and trial run is its child.
+    parent = [r for r in runs if r.data.tags.get("dist2.kind") == "ablation"]
+    assert [r.info.run_id for r in parent] == resumed["parents"] and len(parent) == 1
+    parent = parent[0]
+    assert (parent.info.run_name, parent.info.status) == ("resumegrid", "FINISHED")
+    assert {r.data.tags.get("mlflow.parentRunId") for r in trials + teacher} == {parent.info.run_id}
+    assert (parent.data.metrics["grid_trials"], parent.data.metrics["grid_teachers"]) == (4, 1)
+    assert parent.data.metrics["grid_wall_s"] > 0 and 0 < parent.data.metrics["grid_packing_efficiency"] <= 1
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"resumegrid.yaml", "report"} <= logged
+    assert "report/results.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resumed):
+    """What the MLflow UI's Dataset, System metrics and Models views show: the train and val sets (generator
+    settings and a digest of the annotations), rank 0's node metrics, the step heartbeat and the trained detector."""
+    client, runs = _runs(resumed["uri"], "resumegrid")
+    children = [r for r in runs if r.data.tags.get("dist2.kind") != "ablation"]
+    assert len(children) == 5
+    for run in children:
+        inputs = {(d.dataset.name, [t.value for t in d.tags if t.key == "mlflow.data.context"][0]): d.dataset
+                  for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == [("synthetic-hard train", "train"), ("synthetic-hard val", "val")], run.info.run_name
+        train = inputs[("synthetic-hard train", "train")]
+        assert train.source_type == "synthetic" and len(train.digest) == 16
+        assert json.loads(train.profile)["images"] == 16 and json.loads(train.source)["num_train"] == 16
+        assert len(run.outputs.model_outputs) == 1  # the Models column's link
+        if "dist2.reused_from" in run.data.tags:
+            continue  # the module's teacher, trained by the first test's grid: recorded here, not trained
+        assert "system/cpu_utilization_percentage" in run.data.metrics, run.info.run_name
+        assert run.data.tags["dist2.system_metrics_host"] == socket.gethostname()
+        assert min(m.value for m in client.get_metric_history(run.info.run_id, "train/step")) == 1  # first step
+    # Every run of the grid trained on the same data, the continued one too (its inputs were not logged twice).
+    assert len({d.dataset.digest for r in children for d in r.inputs.dataset_inputs}) == 2
+
 
 def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, tracking_server, pair, out,
                                                                           tmp_path):
@@ -219,8 +267,10 @@ def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(clust
     assert f"report: {out / 'jobgrid' / 'report' / 'results.md'}" in job.stdout
 
     client, runs = _runs(tracking_server["uri"], "jobgrid")
-    by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "report"}
+    by_method = {r.data.params.get("method"): r for r in runs if r.data.tags.get("dist2.kind") != "ablation"}
     assert sorted(by_method) == ["di", "teacher"]
+    parent = next(r for r in runs if r.data.tags.get("dist2.kind") == "ablation")
+    assert [r.data.tags["mlflow.parentRunId"] for r in by_method.values()] == [parent.info.run_id] * 2
     assert all(r.info.status == "FINISHED" for r in runs)
     di = by_method["di"].data
     assert {k: di.params[k] for k in ("detector", "teacher", "student", "strategies", "num_strategies",

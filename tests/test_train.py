@@ -264,8 +264,14 @@ def test_training_on_a_malformed_annotation_file_exits_2_and_leaves_nothing(tmp_
     assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
-def test_export_writes_torchscript_whose_detections_equal_the_eager_model(teacher, tmp_path):
+def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teacher, tmp_path):
+    """`dist2 export`'s TorchScript file, and the MLflow model the training run logged (loaded with
+    mlflow.pytorch.load_model, categories.json beside it), detect exactly what model.pth does."""
     import json
+
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
 
     from dist2.data.build import build_val_dataset
     from dist2.export import CATEGORIES_FILE
@@ -276,6 +282,13 @@ def test_export_writes_torchscript_whose_detections_equal_the_eager_model(teache
     assert result.returncode == 0, result.stderr
     files = {CATEGORIES_FILE: ""}
     scripted = torch.jit.load(str(out), _extra_files=files)
+    mlflow.set_tracking_uri(f"sqlite:///{teacher_dir.parent / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("dist2").experiment_id])[0]
+    (output,) = run.outputs.model_outputs
+    logged = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", dst_path=str(tmp_path / "m")))
+    assert json.loads((model_dir / "extra_files" / CATEGORIES_FILE).read_text()) == json.loads(files[CATEGORIES_FILE])
     cfg = load_config(teacher_yaml)
     val = build_val_dataset(cfg.data)
     assert json.loads(files[CATEGORIES_FILE]) == {str(i): {"id": c, "name": n}
@@ -285,11 +298,12 @@ def test_export_writes_torchscript_whose_detections_equal_the_eager_model(teache
     eager.eval()
     images = [val[i][0] for i in range(len(val))]
     with torch.no_grad():
-        expected, got = eager(images), scripted(images)
+        expected, got, from_mlflow = eager(images), scripted(images), logged(images)
     assert sum(len(d["boxes"]) for d in expected) > 0  # a trained model: there is something to compare
-    for e, g in zip(expected, got, strict=True):
+    for e, g, m in zip(expected, got, from_mlflow, strict=True):
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(g[key], e[key], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(m[key], e[key], rtol=1e-4, atol=1e-4)
 
     other = build_detector(cfg.model.model_copy(update={"channels": 64}), cfg.data, val.categories)
     torch.save(other.state_dict(), tmp_path / "other.pth")

@@ -6,11 +6,14 @@ labels); `categories.json` beside the code in the file maps each label to the da
 
     model = torch.jit.load("student.pt", _extra_files=(files := {"categories.json": ""}))
     detections = model([image])
+
+Every finished run logs the same module as its MLflow model (`tracking.log_model`).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -35,13 +38,22 @@ class Exported(torch.nn.Module):
         return self.detector(images)[1]
 
 
-def export(cfg: ExperimentConfig, checkpoint: Path, out: Path) -> Path:
+def scripted(cfg: ExperimentConfig, checkpoint: Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """The checkpoint's detector as TorchScript, and its labels ({label: {"id": category id, "name": name}})."""
     categories = build_val_dataset(cfg.data).categories  # {category id: name}, in label order
     model = build_detector(cfg.model, cfg.data, categories)
     load_weights(model, checkpoint)
-    scripted = torch.jit.script(Exported(model.eval()))
     labels = {i: {"id": cat_id, "name": name} for i, (cat_id, name) in enumerate(categories.items())}
+    with warnings.catch_warnings():
+        # torch 2.9+ calls TorchScript deprecated; torchvision's detectors are made for it, and torch.export cannot
+        # trace their data-dependent post-processing.
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        return torch.jit.script(Exported(model.eval())), labels
+
+
+def export(cfg: ExperimentConfig, checkpoint: Path, out: Path) -> Path:
+    model, labels = scripted(cfg, checkpoint)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(out), _extra_files={CATEGORIES_FILE: json.dumps(labels)})
+    torch.jit.save(model, str(out), _extra_files={CATEGORIES_FILE: json.dumps(labels)})
     return out

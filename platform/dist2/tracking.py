@@ -7,12 +7,15 @@ training; the driver fills in any epoch a tracking outage made it miss, logs the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dist2.artifacts import CONFIG, METRICS
@@ -147,23 +150,88 @@ def _metrics(record: dict, step: int) -> list[Metric]:
     return [Metric(k, float(v), now, step) for k, v in record.items() if isinstance(v, (int, float))]
 
 
+# How often rank 0 says it is alive (metrics train/step and train/img_per_s) and samples the node (MLflow's system
+# metrics, averaged over SYSTEM_SAMPLES samples): about two points a minute, fine for hour-long runs.
+HEARTBEAT_S = float(os.environ.get("DIST2_HEARTBEAT_S", 30))
+SYSTEM_SAMPLE_S, SYSTEM_SAMPLES = 10, 3  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING override
+HEARTBEAT_STEP, HEARTBEAT_RATE = "train/step", "train/img_per_s"
+SYSTEM_HOST_TAG = "dist2.system_metrics_host"  # the node MLflow's system/* metrics describe
+
+
 class EpochLogger:
-    """Rank 0's per-epoch logging. An unreachable server warns and keeps the epoch for the next try; an epoch
-    that is already in the run (logged before a worker failure sent training back a checkpoint) is skipped."""
+    """Rank 0's logging: its datasets, a heartbeat while it trains, the node's system metrics, and each epoch. An
+    unreachable server warns and keeps the epoch for the next try; an epoch that is already in the run (logged
+    before a worker failure sent training back a checkpoint) is skipped."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.uri, self.run_id = quick_client(uri), uri, run_id
         self.pending: list[dict] = []
+        self.beat: tuple[float, int] | None = None  # (time, images) at the last heartbeat
+        self.quiet_until = 0.0
+        self.monitor = None
         try:
             self.logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
         except Exception:
             self.logged = set()  # the driver fills in what is missing at the end
 
+    def _warn(self, what: str, exc: Exception) -> None:
+        log.warning("MLflow %s unreachable (%s); %s not logged", self.uri, exc.__class__.__name__, what)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         try:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as exc:
-            log.warning("MLflow %s unreachable (%s); tags %s not logged", self.uri, exc.__class__.__name__, tags)
+            self._warn(f"tags {tags}", exc)
+
+    def log_datasets(self, records: list[dict]) -> None:
+        """`data.build.describe` records as the run's dataset inputs, each once (a continued run has them)."""
+        try:
+            have = {(d.dataset.name, d.dataset.digest) for d in self.client.get_run(self.run_id).inputs.dataset_inputs}
+            inputs = [DatasetInput(Dataset(r["name"], r["digest"], r["source_type"], json.dumps(r["source"]),
+                                           profile=json.dumps(r["profile"])),
+                                   tags=[InputTag("mlflow.data.context", r["context"])])
+                      for r in records if (r["name"], r["digest"]) not in have]
+            if inputs:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:
+            self._warn("the datasets", exc)
+
+    def start_system_metrics(self) -> None:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) of this node."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.set_tags({SYSTEM_HOST_TAG: socket.gethostname()})
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_SAMPLE_S,
+                                                samples_before_logging=SYSTEM_SAMPLES, resume_logging=True,
+                                                tracking_uri=self.uri)
+            self.monitor.start()  # a thread; it stops by itself when the run is no longer RUNNING
+        except Exception as exc:
+            self._warn("system metrics", exc)
+
+    def stop_system_metrics(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+
+    def heartbeat(self, step: int, images: int) -> None:
+        """Called after every training step (global step, images trained by all workers so far): logs the step and
+        the recent throughput at the first step and every HEARTBEAT_S, so a stuck run can be told from a slow one.
+        A missed heartbeat is not retried, and after one the next waits ten intervals."""
+        now = time.monotonic()
+        if now < self.quiet_until or (self.beat is not None and now - self.beat[0] < HEARTBEAT_S):
+            return
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(HEARTBEAT_STEP, float(step), stamp, step)]
+        if self.beat is not None:
+            metrics.append(Metric(HEARTBEAT_RATE, (images - self.beat[1]) / (now - self.beat[0]), stamp, step))
+        self.beat = (now, images)
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as exc:
+            self._warn(f"the heartbeat at step {step}", exc)
+            self.quiet_until = now + 10 * HEARTBEAT_S  # each try may wait for the timeout: do not slow training
 
     def log(self, record: dict) -> None:
         if record["epoch"] not in self.logged:
@@ -196,6 +264,39 @@ def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path],
                         f"({exc.__class__.__name__}); the run's own files are complete") from None
 
 
+MODEL_ARTIFACT = "model"  # the run's MLflow model, beside model.pth
+
+
+def log_model(uri: str, run_id: str, model, labels: dict) -> None:
+    """The trained detector as the run's MLflow model (the Models column), TorchScript as `dist2 export` writes
+    it: `mlflow.pytorch.load_model(uri)([image])` gives its detections with torch and torchvision alone, and
+    categories.json beside it maps labels to category ids and names. No signature or input example: MLflow's
+    schemas cannot describe a detector's output (one dict of variable-length tensors per image), so the model is
+    not served as a pyfunc."""
+    import tempfile
+
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    import torchvision
+
+    quiet = logging.getLogger("mlflow")
+    before_level, before_uri = quiet.level, mlflow.get_tracking_uri()
+    quiet.setLevel(logging.ERROR)  # its advice on pickles (this is TorchScript) and on signatures
+    mlflow.set_tracking_uri(uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+            categories = Path(tmp) / "categories.json"
+            categories.write_text(json.dumps(labels, indent=1))
+            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, run_id=run_id, serialization_format="pickle",
+                                     extra_files=[str(categories)],
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                       f"torchvision=={torchvision.__version__.split('+')[0]}"])
+    finally:
+        mlflow.set_tracking_uri(before_uri)
+        quiet.setLevel(before_level)
+
+
 def delete_run(uri: str, run_id: str) -> None:
     """A run that never trained (a configuration mistake found by the workers) leaves no MLflow run behind."""
     MlflowClient(uri).delete_run(run_id)
@@ -217,11 +318,15 @@ def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
 
 def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: str, history: list[dict],
                         params: dict[str, str], tags: dict[str, str], run_name: str | None = None) -> str:
-    """A finished MLflow run for a run done before (a reused teacher): its params, tags and epochs' metrics."""
+    """A finished MLflow run for a run done before (a reused teacher, tags["dist2.reused_from"] naming its
+    MLflow run): its params, tags, epochs' metrics and datasets."""
     client = quick_client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name or cfg.name,
                             tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
+    with contextlib.suppress(Exception):  # its datasets, where the run it repeats is in this store
+        inputs = client.get_run(tags["dist2.reused_from"]).inputs.dataset_inputs
+        client.log_inputs(run.info.run_id, datasets=inputs)
     close_run(uri, run.info.run_id, history, [cfg.run_dir / CONFIG, cfg.run_dir / METRICS])
     return run.info.run_id
 
@@ -233,22 +338,26 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
-NO_PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow without its artifact progress bars, which would fill a run's or a report's log."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def download_artifacts(uri: str, run_id: str, names: list[str], dest: Path) -> dict[str, Path]:
-    """Some of a run's top-level artifacts, downloaded into `dest`: {name: local path} (without MLflow's progress
-    bars, which would fill a report's log)."""
+    """Some of a run's top-level artifacts, downloaded into `dest`: {name: local path}."""
     client = quick_client(uri)
-    before = os.environ.get(NO_PROGRESS_BARS)
-    os.environ[NO_PROGRESS_BARS] = "false"
-    try:
+    with _no_progress_bars():
         return {name: Path(client.download_artifacts(run_id, name, str(dest))) for name in names}
-    finally:
-        if before is None:
-            del os.environ[NO_PROGRESS_BARS]
-        else:
-            os.environ[NO_PROGRESS_BARS] = before
 
 
 def log_folder(uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
@@ -256,20 +365,53 @@ def log_folder(uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
     quick_client(uri).log_artifacts(run_id, str(folder), artifact_path=artifact_path)
 
 
-def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float]) -> str:
-    """The experiment's summary run (tag dist2.kind = report): created once, its artifacts replaced each time."""
+# A grid is a tree in the MLflow UI: one parent run per ablation (its file, size, wall time, packing and report),
+# every teacher and trial run its child.
+ABLATION_KIND, PARENT_TAG = "ablation", "mlflow.parentRunId"
+
+
+def ablation_run(uri: str, experiment: str) -> str:
+    """The experiment's ablation run (tag dist2.kind = ablation): the one found, else a new one named after the
+    experiment. An ablation continued with --resume, or reported again, keeps its parent."""
     client = quick_client(uri)
     exp_id = experiment_id(uri, experiment)
-    found = client.search_runs([exp_id], "tags.`dist2.kind` = 'report'")
-    run_id = found[0].info.run_id if found else client.create_run(
-        exp_id, run_name="report", tags={"dist2.kind": "report"}).info.run_id
+    found = client.search_runs([exp_id], f"tags.`dist2.kind` = '{ABLATION_KIND}'", order_by=["start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    return client.create_run(exp_id, run_name=experiment, tags={"dist2.kind": ABLATION_KIND}).info.run_id
+
+
+def open_ablation_run(uri: str, experiment: str, source: Path, sizes: dict[str, float]) -> str:
+    """The ablation's parent run, marked running, with its file and the grid's size (metrics: a grid may grow)."""
+    client = quick_client(uri)
+    run_id = ablation_run(uri, experiment)
     client.update_run(run_id, status="RUNNING")
-    for path in artifacts:  # files, and folders (the gallery) with what is in them
+    client.log_artifact(run_id, str(source))
+    client.log_batch(run_id, metrics=_metrics(sizes, 0))
+    return run_id
+
+
+def end_ablation_run(uri: str, run_id: str, status: str) -> None:
+    quick_client(uri).set_terminated(run_id, status)
+
+
+def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float],
+                run_id: str | None = None) -> str:
+    """The report's files (and folders, the gallery) as artifacts of the ablation run under report/, replacing
+    those of an earlier report. `run_id`: the running ablation's parent, closed by `dist2 ablate` itself;
+    otherwise (a standalone `dist2 report`) the experiment's ablation run, found or created, is closed here
+    unless an ablation is running in it."""
+    client = quick_client(uri)
+    standalone = run_id is None
+    run_id = run_id or ablation_run(uri, experiment)
+    running = client.get_run(run_id).info.status == "RUNNING"
+    for path in artifacts:
         if Path(path).is_dir():
             client.log_artifacts(run_id, str(path), artifact_path=f"report/{Path(path).name}")
         else:
             client.log_artifact(run_id, str(path), artifact_path="report")
     if metrics:
         client.log_batch(run_id, metrics=_metrics(metrics, 0))
-    client.set_terminated(run_id, "FINISHED")
+    if standalone and not running:
+        client.set_terminated(run_id, "FINISHED")
     return run_id

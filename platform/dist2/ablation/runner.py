@@ -9,6 +9,10 @@
      and checkpoints every epoch in its run folder, so a trial that is run again continues where it stopped.
   3. The report (dist2.report) from the experiment's finished runs.
 
+In MLflow the ablation is one parent run (tag dist2.kind = ablation: the ablation file, the grid's size, wall time,
+packing and the report as artifacts) and every teacher and trial run is its child, so the UI shows the grid as a
+tree; --resume keeps the parent.
+
 `--resume` restores the grid's Tune run (Tuner.restore): finished trials are kept, unfinished ones continue
 from their last epoch checkpoint in the same MLflow run. MLflow logging is dist2's own, not Ray's
 MLflowLoggerCallback (which keeps its trial -> run map in memory and opens duplicate runs after a restore).
@@ -33,7 +37,7 @@ from dist2.ablation import scheduling
 from dist2.ablation.scheduling import Footprint, LiveCapacity
 from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
-from dist2.engine.launch import launch
+from dist2.engine.launch import launch, log_detector
 from dist2.engine.local_ray import start_ray
 from dist2.engine.rundir import RunDir
 from dist2.errors import RunFailed, UserError, WaitedTooLong
@@ -57,15 +61,22 @@ class TrialJob:
     experiment: str  # the ablation's MLflow experiment
     source: str  # the ablation file, logged as the run's config artifact
     run_name: str = ""  # its MLflow run name (Run.label); a grid saved before run names restores without it
+    parent_run_id: str = ""  # the ablation's MLflow run; "" in a grid saved before parent runs
 
 
 def _trial_name(trial) -> str:
     return trial.config["run"]["cfg"]["name"]
 
 
-def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str) -> TrialJob:
+def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str, parent_run_id: str) -> TrialJob:
     return TrialJob(cfg=run.cfg.model_dump(mode="json", by_alias=True), kind=run.kind, params=run.params,
-                    tracking_uri=tracking_uri, experiment=experiment, source=source, run_name=run.label)
+                    tracking_uri=tracking_uri, experiment=experiment, source=source, run_name=run.label,
+                    parent_run_id=parent_run_id)
+
+
+def _child_tags(experiment: str, parent_run_id: str) -> dict[str, str]:
+    """A grid run's tags: its ablation, and its parent run in the MLflow UI's tree."""
+    return {"dist2.ablation": experiment, **({tracking.PARENT_TAG: parent_run_id} if parent_run_id else {})}
 
 
 def _trial(config: dict) -> None:
@@ -82,7 +93,7 @@ def _trial(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker["CPU"])))
     # A trial run again (the driver died before Tune recorded it) reuses or closes its finished run.
     metrics = launch(cfg, job.kind, Path(job.source), tracking_uri=job.tracking_uri, experiment=job.experiment,
-                     params=job.params, tags={"dist2.ablation": job.experiment}, in_process=True,
+                     params=job.params, tags=_child_tags(job.experiment, job.parent_run_id), in_process=True,
                      reuse_finished=True, run_name=job.run_name or None)
     result = {k: float(metrics[k]) for k in REPORTED if isinstance(metrics.get(k), (int, float))}
     tune.report({**result, "trial_wall_s": time.monotonic() - started})
@@ -193,12 +204,13 @@ def _trial_seconds(results) -> float:
     return sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
 
 
-def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path) -> None:
+def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, parent_run_id: str) -> None:
     """A teacher trained before (by any ablation) appears in this experiment as a finished `teacher` run."""
     record = RunDir(run.cfg).finished()
-    tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"],
-                                 {**run.params}, {"dist2.ablation": experiment, "dist2.config": str(source),
-                                                  "dist2.reused_from": record["mlflow_run_id"]}, run.label)
+    run_id = tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"], {**run.params},
+                                          {**_child_tags(experiment, parent_run_id), "dist2.config": str(source),
+                                           "dist2.reused_from": record["mlflow_run_id"]}, run.label)
+    log_detector(run.cfg, uri, run_id)
 
 
 def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
@@ -223,17 +235,26 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     # The store is usable, and the experiment exists before any trial; the report prints its command.
     command = shlex.join(["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])
     tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command})
-    where = {"tracking_uri": uri, "experiment": spec.name, "source": str(source)}
     missing = [t for t in teachers if RunDir(t.cfg).finished() is None]
+    parent = tracking.open_ablation_run(uri, spec.name, source, {"grid_trials": len(runs),
+                                                                 "grid_teachers": len(teachers)})
+    where = {"tracking_uri": uri, "experiment": spec.name, "source": str(source), "parent_run_id": parent}
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
+    status = "FAILED"
     try:
         with _working_in(spec.output_dir):
-            return _run_phases(command, spec, source, teachers, missing, runs, where, footprint, resume,
+            code = _run_phases(command, spec, source, teachers, missing, runs, where, footprint, resume,
                                wait_timeout)
+        status = "FINISHED" if code == 0 else "KILLED"
+        return code
+    except (KeyboardInterrupt, WaitedTooLong):
+        status = "KILLED"  # continued with --resume, in the same parent run
+        raise
     finally:
         scheduling.release_request()
+        tracking.end_ablation_run(uri, parent, status)
 
 
 @contextlib.contextmanager
@@ -273,7 +294,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
                  watch.packing(_trial_seconds(results)))
     for teacher in teachers:
         if teacher not in missing and not tracking.has_finished_run(uri, spec.name, teacher.cfg.run_dir):
-            _record_reused_teacher(uri, spec.name, teacher, source)
+            _record_reused_teacher(uri, spec.name, teacher, source, where["parent_run_id"])
 
     restore = resume and tune.Tuner.can_restore(str(tune_dir / "grid"))
     if resume and not restore:
@@ -292,7 +313,8 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
 
     out = spec.output_dir / spec.name / "report"
     report = write_report(uri, spec.name, out, spec.tables, extra_metrics={"grid_wall_s": wall,
-                                                                          "grid_packing_efficiency": packing})
+                                                                          "grid_packing_efficiency": packing},
+                          ablation_run=where["parent_run_id"])
     print(f"\nreport: {report}")
     print(f"MLflow UI on this store: {tracking.ui_command(uri)}")
     failed = [r for r in results if r.error is not None]

@@ -44,6 +44,26 @@ def resolve_data_root(cfg: DataConfig) -> Path:
     return cfg.root if cfg.root is not None else synth_root(cfg.synth)
 
 
+def describe(cfg: DataConfig, dataset: CocoDetection, split: str) -> dict:
+    """What a run trains or evaluates on, for MLflow's Dataset column (`tracking.log_datasets`): a name, where it
+    is (for the synthetic set also its generator settings), a digest of its annotation file (the images are
+    named there) and its size."""
+    sha = hashlib.sha256()
+    with open(dataset.ann_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    source = {"uri": dataset.ann_file.absolute().as_uri(), "images": dataset.image_dir.absolute().as_uri()}
+    if cfg.root is None:
+        name = f"synthetic-{cfg.synth.difficulty} {split}"
+        source.update(generator=f"dist2.data.synth v{synth.VERSION}", **cfg.synth.model_dump())
+    else:
+        name = f"{cfg.root.name} {split}"
+    return {"name": name, "digest": sha.hexdigest()[:16], "source_type": "synthetic" if cfg.root is None else "local",
+            "source": source, "context": split,
+            "profile": {"images": len(dataset), "annotations": len(dataset.coco.anns),
+                        "categories": len(dataset.categories)}}
+
+
 def build_datasets(cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
     root = resolve_data_root(cfg)
     train = CocoDetection(root / cfg.train_annotations, root / cfg.train_images, train_transforms(cfg))

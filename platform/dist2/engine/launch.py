@@ -167,8 +167,20 @@ def _close_finished(cfg: ExperimentConfig, source: Path, uri: str, run_id: str) 
     best = best_epoch(history, cfg.train.best_metric)
     tags = {} if best is None else {BEST_EPOCH_TAG: str(best["epoch"]),
                                     BEST_VALUE_TAG: f"{best[cfg.train.best_metric]:.4f}"}
+    log_detector(cfg, uri, run_id)
     tracking.close_run(uri, run_id, history, artifacts, tags=tags)
     return history[-1]
+
+
+def log_detector(cfg: ExperimentConfig, uri: str, run_id: str) -> None:
+    """The run's detector as its MLflow model; a failure costs the run nothing but that model, and says why."""
+    from dist2.export import scripted
+
+    try:
+        tracking.log_model(uri, run_id, *scripted(cfg, cfg.run_dir / WEIGHTS))
+    except Exception as exc:
+        log.warning("%s: the MLflow model was not logged (%s: %s); model.pth is complete", cfg.name,
+                    exc.__class__.__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
 
 
 def _close_failed(uri: str, run_id: str, run: RunDir, tags: dict, status: str = "FAILED") -> None:

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -71,8 +71,12 @@ def _first_non_finite(losses: dict[str, float]) -> tuple[str, float] | None:
     return next(((name, v) for name, v in losses.items() if not math.isfinite(v)), None)
 
 
+# Called after every training step with (global step, images trained by all workers so far in this run).
+StepHook = Callable[[int, int], None]
+
+
 def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, optimizer, scheduler, scaler, device,
-                    epoch: int, cfg: ExperimentConfig) -> dict[str, float]:
+                    epoch: int, cfg: ExperimentConfig, on_step: Optional[StepHook] = None) -> dict[str, float]:
     """One pass over this worker's shard. `model` is the optimised module, wrapped for data parallelism when
     there are several workers. Loss metrics are this worker's means; img_per_s is the throughput of all."""
     model.train()
@@ -103,6 +107,9 @@ def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, op
         scaler.update()
         scheduler.step()
         seen += len(images)
+        if on_step is not None:
+            global_step = epoch * len(loader) + step + 1
+            on_step(global_step, global_step * cfg.train.batch_size)
         bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
     steps = max(1, len(loader))
     metrics = {name: total / steps for name, total in sums.items()}
@@ -122,9 +129,10 @@ def run_eval(task: Task, val_ds: CocoDetection, device, cfg: ExperimentConfig, f
 
 
 def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
-           state: dict | None = None) -> Iterator[tuple[dict, dict]]:
+           state: dict | None = None, on_step: Optional[StepHook] = None) -> Iterator[tuple[dict, dict]]:
     """Train from `state` (a resume state, or None for a fresh start) to cfg.train.epochs, evaluating every
     cfg.train.eval_every epochs. Yields (metrics, resume state) after each epoch; the caller saves them.
+    `on_step` follows the steps (rank 0's heartbeat).
 
     The global batch cfg.train.batch_size is split over the workers; with several, the module is wrapped in
     DistributedDataParallel and each worker draws its own shard of every epoch.
@@ -153,7 +161,7 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
         seed_epoch(cfg.seed, epoch, distributed.rank())
         metrics = {"epoch": epoch + 1}
         metrics.update(train_one_epoch(model, params, loader.epoch(epoch), optimizer, scheduler, scaler, device,
-                                       epoch, cfg))
+                                       epoch, cfg, on_step))
         final = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or final:
             metrics.update(run_eval(task, val_ds, device, cfg, final))

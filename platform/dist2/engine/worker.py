@@ -2,8 +2,10 @@
 every epoch.
 
 In a Ray Train worker group `ray.train.report` persists rank 0's checkpoint of each epoch and is a barrier every
-worker passes; rank 0 then logs the epoch to MLflow. A run of one worker on this machine (`Job.local`) runs in the
-driver's process without Ray and writes its checkpoints straight into the run's folder.
+worker passes; rank 0 then logs the epoch to MLflow. Rank 0 also logs the run's datasets, a heartbeat every half
+minute (train/step, train/img_per_s) and its node's system metrics (`tracking.EpochLogger`). A run of one worker
+on this machine (`Job.local`) runs in the driver's process without Ray and writes its checkpoints straight into the
+run's folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from dist2 import checkpoint, distributed, tracking
 from dist2.artifacts import RESUME
 from dist2.config import ExperimentConfig
+from dist2.data.build import describe
 from dist2.distributed import resolve_device
 from dist2.engine.distill import build_distill_task
 from dist2.engine.loop import NonFiniteLoss, epochs
@@ -138,7 +141,11 @@ def run_worker(config: dict) -> dict | None:
     _tag_placement(logger, device)
     try:
         task, train_ds, val_ds = TASKS[job.kind](cfg, device)
-        for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _resume_state(run, on_ray)):
+        if logger is not None:
+            logger.log_datasets([describe(cfg.data, train_ds, "train"), describe(cfg.data, val_ds, "val")])
+            logger.start_system_metrics()
+        for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _resume_state(run, on_ray),
+                                     on_step=logger and logger.heartbeat):
             epoch = state["epoch"]
             folder = None
             if rank == 0:
@@ -162,4 +169,7 @@ def run_worker(config: dict) -> dict | None:
         if isinstance(exc, NonFiniteLoss):
             failure.update(failure_term=exc.term, failure_epoch=exc.epoch + 1, failure_step=exc.step)
         return failure
+    finally:
+        if logger is not None:
+            logger.stop_system_metrics()
     return None

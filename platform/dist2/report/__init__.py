@@ -1,8 +1,9 @@
 """`dist2 report`: an MLflow experiment's finished runs -> results.md in the paper's layout, plus plots.
 
 The runs are read with `mlflow.search_runs` into pandas; the tables are built in `tables.py` beside the paper's
-numbers (`paper.py`); the report is also logged as the artifacts of the experiment's summary run (tag
-dist2.kind = report, one per experiment, its artifacts replaced by each new report).
+numbers (`paper.py`); the report is also logged as the artifacts of the experiment's ablation run (the parent of
+its runs in the MLflow UI, tag dist2.kind = ablation; created for an experiment that has none), replaced by each new
+report.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, com
 
 
 def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES,
-                 extra_metrics: dict[str, float] | None = None) -> Path:
+                 extra_metrics: dict[str, float] | None = None, ablation_run: str | None = None) -> Path:
+    """results.md and its pictures in `out`, logged to the experiment's ablation run (`ablation_run`: the one
+    `dist2 ablate` holds open)."""
     runs = load_runs(uri, experiment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,5 +113,5 @@ def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES
     artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
     if "gallery" in which and (out / gallery.FOLDER).is_dir():
         artifacts.append(out / gallery.FOLDER)
-    tracking.log_summary(uri, experiment, artifacts, extra_metrics or {})
+    tracking.log_summary(uri, experiment, artifacts, extra_metrics or {}, ablation_run)
     return path
