@@ -18,6 +18,8 @@ import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+import mlflow_ui
+
 from conftest import REPO, run_cli, write_ablation
 
 
@@ -145,7 +147,10 @@ def resumed(cluster, pair, out, tmp_path_factory) -> dict:
     ablation = write_ablation(tmp / "resumegrid.yaml", pair, out,
                               [{"method": ["student"]}, {"method": ["di"], "num_strategies": [1, 2, 3]}],
                               set=["train.epochs=2"], teacher_set=["train.epochs=1"],  # the module's teacher
-                              resources={"num_workers": 1, "cpus_per_worker": 1})
+                              resources={"num_workers": 1, "cpus_per_worker": 1},
+                              # Two rounds of two trials: the second round is part-way when the first has finished
+                              # (trials started together end together, their runs closed at once).
+                              max_concurrent=2)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {**cluster["env"]}
     first = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
@@ -217,6 +222,14 @@ def test_resume_after_the_driver_is_killed(resumed):
     assert parent.data.metrics["grid_wall_s"] > 0 and 0 < parent.data.metrics["grid_packing_efficiency"] <= 1
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"resumegrid.yaml", "report"} <= logged
+    # The command printed at the end opens the experiment in the UI's training view, with dist2's columns.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert f"MLflow UI on this store: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open " \
+           f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" \
+           "&viewStateShareKey=dist2" in second.stdout
+    view = json.loads(experiment.tags["mlflow.sharedViewState.dist2"])
+    assert view["selectedColumns"][:4] == ["attributes.`Dataset`", "attributes.`Models`", "metrics.`mAP`",
+                                           "metrics.`teacher_head_probe_mAP`"]
     assert "report/results.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
@@ -241,6 +254,30 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
         assert min(m.value for m in client.get_metric_history(run.info.run_id, "train/step")) == 1  # first step
     # Every run of the grid trained on the same data, the continued one too (its inputs were not logged twice).
     assert len({d.dataset.digest for r in children for d in r.inputs.dataset_inputs}) == 2
+
+
+@pytest.mark.skipif(not mlflow_ui.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
+def test_the_mlflow_ui_opens_the_grid_as_a_tree_of_named_runs_with_its_columns(resumed):
+    """The link `dist2 ablate` prints, opened in headless Chromium on a real `mlflow ui`: the training-runs view
+    (not the GenAI overview), the ablation's run with every run of the grid under it by its new name, and the
+    columns of dist2's view, each trial's dataset and model."""
+    second = resumed["second"]
+    printed = next(line for line in second.stdout.splitlines() if line.startswith("MLflow UI on this store: "))
+    client, runs = _runs(resumed["uri"], "resumegrid")
+    names = [r.info.run_name for r in runs if r.data.tags.get("dist2.kind") != "ablation"]
+    # Wide enough for every column: the table draws only the columns in view.
+    with mlflow_ui.mlflow_ui(resumed["uri"]) as port, mlflow_ui.chromium(width=2800) as driver:
+        link = printed.split("then open ")[1].replace(":5000/", f":{port}/")
+        page = mlflow_ui.open_runs(driver, link, "resumegrid")
+    lines = page.splitlines()
+    assert "Runs" in lines and "Overview" not in lines and "Training runs" not in lines  # model training, not GenAI
+    assert "You're viewing a shared view." in page  # dist2's view, from the experiment
+    assert len(set(names)) == 5 and "student s0" in names and "teacher R10" in names
+    at = {name: lines.index(name) for name in ["resumegrid", *names]}  # every run, listed by its readable name
+    assert min(at.values()) == at["resumegrid"]  # the parent first, its children under it
+    for column in ("Dataset", "Models", "mAP", "teacher_head_probe_mAP", "method", "strategies", "seed"):
+        assert column in lines, column
+    assert page.count("synthetic-hard train") == len(names) and lines.count("model") == len(names)
 
 
 def test_job_submission_to_a_two_node_cluster_logs_to_mlflow_on_postgresql(cluster, tracking_server, pair, out,

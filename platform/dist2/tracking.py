@@ -285,7 +285,9 @@ def log_model(uri: str, run_id: str, model, labels: dict) -> None:
     quiet.setLevel(logging.ERROR)  # its advice on pickles (this is TorchScript) and on signatures
     mlflow.set_tracking_uri(uri)
     try:
-        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
+        # MLflow files a model under the fluent API's experiment (Default, here), not its run's: name the run's.
+        experiment = quick_client(uri).get_run(run_id).info.experiment_id
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars(), _environ("MLFLOW_EXPERIMENT_ID", experiment):
             categories = Path(tmp) / "categories.json"
             categories.write_text(json.dumps(labels, indent=1))
             mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, run_id=run_id, serialization_format="pickle",
@@ -331,19 +333,39 @@ def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: 
     return run.info.run_id
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+# A view of an experiment's runs saved in the experiment (MLflow's shared view state: columns, sort; the tag its UI
+# reads for the link's viewStateShareKey), which `dist2 ablate` sets and its printed link opens.
+VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dist2"
+
+
+def view_tag(columns: list[str]) -> dict[str, str]:
+    """The experiment tag of dist2's view: `columns` as MLflow names them ("metrics.`mAP`", "params.`seed`").
+    Runs stay in the order they started: sorted by a metric, the UI would list them flat instead of under their
+    ablation's run."""
+    return {VIEW_TAG + VIEW_KEY: json.dumps({"selectedColumns": columns})}
+
+
+def ui_command(uri: str, experiment: str | None = None, port: int = 5000) -> str:
+    """How to open the MLflow UI on this store: the command for an embedded store, and the experiment's page in
+    the model-training view (dist2's view where the experiment has one)."""
+    base, command = uri.rstrip("/"), ""
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+        base = f"http://127.0.0.1:{port}"
+        command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
+    if experiment is None:
+        return command + base
+    found = quick_client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return command + base
+    view = f"&viewStateShareKey={VIEW_KEY}" if VIEW_TAG + VIEW_KEY in found.tags else ""
+    return f"{command}{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning{view}"
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
-    """MLflow without its artifact progress bars, which would fill a run's or a report's log."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+def _environ(name: str, value: str):
+    """An environment variable set for a while (MLflow reads some settings only from there)."""
     before = os.environ.get(name)
-    os.environ[name] = "false"
+    os.environ[name] = value
     try:
         yield
     finally:
@@ -351,6 +373,11 @@ def _no_progress_bars():
             del os.environ[name]
         else:
             os.environ[name] = before
+
+
+def _no_progress_bars():
+    """MLflow without its artifact progress bars, which would fill a run's or a report's log."""
+    return _environ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def download_artifacts(uri: str, run_id: str, names: list[str], dest: Path) -> dict[str, Path]:

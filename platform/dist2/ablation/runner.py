@@ -35,17 +35,21 @@ from ray import tune
 from dist2 import tracking
 from dist2.ablation import scheduling
 from dist2.ablation.scheduling import Footprint, LiveCapacity
-from dist2.ablation.spec import AblationConfig, Run, grid_runs, load_ablation, teacher_runs
+from dist2.ablation.spec import SCHEMA, AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import launch, log_detector
 from dist2.engine.local_ray import start_ray
 from dist2.engine.rundir import RunDir
 from dist2.errors import RunFailed, UserError, WaitedTooLong
-from dist2.methods import COCO_METRICS, METHODS, TEACHER_HEAD_METRICS, TEACHER_MAP
+from dist2.methods import COCO_METRICS, METHODS, PROBE_METRIC, TEACHER_HEAD_METRICS, TEACHER_MAP
 
 log = logging.getLogger(__name__)
 
 REPORTED = (*COCO_METRICS, *TEACHER_HEAD_METRICS, TEACHER_MAP, "epoch")  # what a trial tells Tune
+# The experiment's view in the MLflow UI: what tells the grid's runs apart and how they score.
+GRID_VIEW = tracking.view_tag(
+    ["attributes.`Dataset`", "attributes.`Models`", *(f"metrics.`{m}`" for m in (COCO_METRICS[0], PROBE_METRIC)),
+     *(f"params.`{p}`" for p in SCHEMA if p not in ("detector", "teacher", "num_strategies"))])
 
 
 # ---------------------------------------------------------------- one trial (in a Tune trial actor)
@@ -234,7 +238,7 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.output_dir)
     # The store is usable, and the experiment exists before any trial; the report prints its command.
     command = shlex.join(["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])
-    tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command})
+    tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command, **GRID_VIEW})
     missing = [t for t in teachers if RunDir(t.cfg).finished() is None]
     parent = tracking.open_ablation_run(uri, spec.name, source, {"grid_trials": len(runs),
                                                                  "grid_teachers": len(teachers)})
@@ -316,7 +320,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
                                                                           "grid_packing_efficiency": packing},
                           ablation_run=where["parent_run_id"])
     print(f"\nreport: {report}")
-    print(f"MLflow UI on this store: {tracking.ui_command(uri)}")
+    print(f"MLflow UI on this store: {tracking.ui_command(uri, spec.name)}")
     failed = [r for r in results if r.error is not None]
     if failed:
         raise RunFailed(f"{spec.name}: {len(failed)} of {len(results)} trial(s) failed (their cells are missing "
