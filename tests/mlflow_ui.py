@@ -22,7 +22,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 def available() -> bool:
-    return Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file() and importlib.util.find_spec("selenium")
+    return Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file() and bool(importlib.util.find_spec("selenium"))
 
 
 def _free_port() -> int:

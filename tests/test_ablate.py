@@ -242,6 +242,7 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
     for run in children:
         inputs = {(d.dataset.name, [t.value for t in d.tags if t.key == "mlflow.data.context"][0]): d.dataset
                   for d in run.inputs.dataset_inputs}
+        assert len(run.inputs.dataset_inputs) == 2, run.info.run_name  # once each, the continued run's too
         assert sorted(inputs) == [("synthetic-hard train", "train"), ("synthetic-hard val", "val")], run.info.run_name
         train = inputs[("synthetic-hard train", "train")]
         assert train.source_type == "synthetic" and len(train.digest) == 16

@@ -282,12 +282,17 @@ def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teach
     assert result.returncode == 0, result.stderr
     files = {CATEGORIES_FILE: ""}
     scripted = torch.jit.load(str(out), _extra_files=files)
-    mlflow.set_tracking_uri(f"sqlite:///{teacher_dir.parent / 'mlflow.db'}")
-    client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("dist2").experiment_id])[0]
+    store = f"sqlite:///{teacher_dir.parent / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("dist2").experiment_id
+    (run,) = client.search_runs([experiment], "attributes.run_name = 'teacher'")
     (output,) = run.outputs.model_outputs
-    logged = mlflow.pytorch.load_model(f"models:/{output.model_id}")
-    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", dst_path=str(tmp_path / "m")))
+    mlflow.set_tracking_uri(store)  # models:/ URIs resolve against the process's store
+    try:
+        logged = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", dst_path=str(tmp_path)))
+    finally:
+        mlflow.set_tracking_uri(None)
     assert json.loads((model_dir / "extra_files" / CATEGORIES_FILE).read_text()) == json.loads(files[CATEGORIES_FILE])
     cfg = load_config(teacher_yaml)
     val = build_val_dataset(cfg.data)

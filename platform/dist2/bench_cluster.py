@@ -26,6 +26,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from tabulate import tabulate
 
+from dist2 import tracking
+
 
 def _ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, timeout=120)
@@ -102,7 +104,8 @@ def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
         stop_local_cluster(port)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name).experiment_id
-    report = next(r for r in client.search_runs([experiment]) if r.data.tags.get("dist2.kind") == "report")
+    report = next(r for r in client.search_runs([experiment])
+                  if r.data.tags.get(tracking.KIND_TAG) == tracking.ABLATION_KIND)
     row = {"grid": name, "grid wall s": report.data.metrics["grid_wall_s"],
            "packing efficiency": report.data.metrics["grid_packing_efficiency"], "join → first trial on it s": ""}
     if joined is not None:

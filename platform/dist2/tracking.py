@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -25,6 +26,8 @@ from dist2.errors import RunFailed, UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "dist2"
+KIND_TAG = "dist2.kind"  # run tag: train, distill, or the ablation's parent run (ABLATION_KIND)
+REUSED_TAG = "dist2.reused_from"  # run tag: the MLflow run a recorded (reused) run repeats
 MACHINE_TAG = "dist2.machine"  # run tag: the hardware a run's numbers come from (rank 0's host, world size)
 COMMAND_TAG = "dist2.command"  # experiment tag: the command that runs the experiment's grid
 
@@ -129,7 +132,7 @@ def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, exp
         for stale in client.search_runs([exp_id], f"tags.`dist2.run_dir` = '{cfg.run_dir}'"):
             if stale.info.status in ("RUNNING", "KILLED"):
                 client.delete_run(stale.info.run_id)
-        tags = {"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
+        tags = {KIND_TAG: kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
         run = client.create_run(exp_id, run_name=run_name or cfg.name, tags=tags)
         log_params(client, run.info.run_id, {**flatten(cfg), **extra_params})
         return run.info.run_id
@@ -152,10 +155,23 @@ def _metrics(record: dict, step: int) -> list[Metric]:
 
 # How often rank 0 says it is alive (metrics train/step and train/img_per_s) and samples the node (MLflow's system
 # metrics, averaged over SYSTEM_SAMPLES samples): about two points a minute, fine for hour-long runs.
-HEARTBEAT_S = float(os.environ.get("DIST2_HEARTBEAT_S", 30))
+HEARTBEAT_ENV, HEARTBEAT_DEFAULT_S = "DIST2_HEARTBEAT_S", 30.0
 SYSTEM_SAMPLE_S, SYSTEM_SAMPLES = 10, 3  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _SAMPLES_BEFORE_LOGGING override
 HEARTBEAT_STEP, HEARTBEAT_RATE = "train/step", "train/img_per_s"
 SYSTEM_HOST_TAG = "dist2.system_metrics_host"  # the node MLflow's system/* metrics describe
+DATA_CONTEXT_TAG = "mlflow.data.context"  # a dataset input's role: train or val
+
+
+def _heartbeat_interval() -> float:
+    try:
+        seconds = float(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_DEFAULT_S))
+        if seconds > 0:
+            return seconds
+    except ValueError:
+        pass
+    log.warning("%s=%r is not a number of seconds above 0; the heartbeat comes every %g s", HEARTBEAT_ENV,
+                os.environ.get(HEARTBEAT_ENV), HEARTBEAT_DEFAULT_S)
+    return HEARTBEAT_DEFAULT_S
 
 
 class EpochLogger:
@@ -168,6 +184,7 @@ class EpochLogger:
         self.pending: list[dict] = []
         self.beat: tuple[float, int] | None = None  # (time, images) at the last heartbeat
         self.quiet_until = 0.0
+        self.heartbeat_s = _heartbeat_interval()
         self.monitor = None
         try:
             self.logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
@@ -183,26 +200,25 @@ class EpochLogger:
         except Exception as exc:
             self._warn(f"tags {tags}", exc)
 
-    def log_datasets(self, records: list[dict]) -> None:
-        """`data.build.describe` records as the run's dataset inputs, each once (a continued run has them)."""
+    def log_datasets(self, describe: Callable[[], list[dict]]) -> None:
+        """The run's dataset inputs, from `describe()`'s records (`data.build.describe`). A continued run logs them
+        again: MLflow keeps one input per dataset and run."""
         try:
-            have = {(d.dataset.name, d.dataset.digest) for d in self.client.get_run(self.run_id).inputs.dataset_inputs}
             inputs = [DatasetInput(Dataset(r["name"], r["digest"], r["source_type"], json.dumps(r["source"]),
                                            profile=json.dumps(r["profile"])),
-                                   tags=[InputTag("mlflow.data.context", r["context"])])
-                      for r in records if (r["name"], r["digest"]) not in have]
-            if inputs:
-                self.client.log_inputs(self.run_id, datasets=inputs)
+                                   tags=[InputTag(DATA_CONTEXT_TAG, r["context"])]) for r in describe()]
+            self.client.log_inputs(self.run_id, datasets=inputs)
         except Exception as exc:
             self._warn("the datasets", exc)
 
     def start_system_metrics(self) -> None:
         """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) of this node."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         self.set_tags({SYSTEM_HOST_TAG: socket.gethostname()})
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines
+        # Its INFO lines at every start and stop are not dist2's (set once: the monitor logs from its thread).
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
             self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_SAMPLE_S,
                                                 samples_before_logging=SYSTEM_SAMPLES, resume_logging=True,
                                                 tracking_uri=self.uri)
@@ -217,21 +233,21 @@ class EpochLogger:
 
     def heartbeat(self, step: int, images: int) -> None:
         """Called after every training step (global step, images trained by all workers so far): logs the step and
-        the recent throughput at the first step and every HEARTBEAT_S, so a stuck run can be told from a slow one.
-        A missed heartbeat is not retried, and after one the next waits ten intervals."""
+        the recent throughput at the first step and every DIST2_HEARTBEAT_S seconds (30), so that a stuck run can
+        be told from a slow one. A missed heartbeat is not retried, and after one the next waits ten intervals."""
         now = time.monotonic()
-        if now < self.quiet_until or (self.beat is not None and now - self.beat[0] < HEARTBEAT_S):
+        if now < self.quiet_until or (self.beat is not None and now - self.beat[0] < self.heartbeat_s):
             return
         stamp = int(time.time() * 1000)
         metrics = [Metric(HEARTBEAT_STEP, float(step), stamp, step)]
-        if self.beat is not None:
+        if self.beat is not None and now > self.beat[0]:
             metrics.append(Metric(HEARTBEAT_RATE, (images - self.beat[1]) / (now - self.beat[0]), stamp, step))
         self.beat = (now, images)
         try:
             self.client.log_batch(self.run_id, metrics=metrics)
         except Exception as exc:
             self._warn(f"the heartbeat at step {step}", exc)
-            self.quiet_until = now + 10 * HEARTBEAT_S  # each try may wait for the timeout: do not slow training
+            self.quiet_until = now + 10 * self.heartbeat_s  # each try may wait for the timeout: do not slow training
 
     def log(self, record: dict) -> None:
         if record["epoch"] not in self.logged:
@@ -267,12 +283,13 @@ def close_run(uri: str, run_id: str, history: list[dict], artifacts: list[Path],
 MODEL_ARTIFACT = "model"  # the run's MLflow model, beside model.pth
 
 
-def log_model(uri: str, run_id: str, model, labels: dict) -> None:
+def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]) -> None:
     """The trained detector as the run's MLflow model (the Models column), TorchScript as `dist2 export` writes
     it: `mlflow.pytorch.load_model(uri)([image])` gives its detections with torch and torchvision alone, and
     categories.json beside it maps labels to category ids and names. No signature or input example: MLflow's
     schemas cannot describe a detector's output (one dict of variable-length tensors per image), so the model is
-    not served as a pyfunc."""
+    not served as a pyfunc. `scripted()` gives (the module, its labels); a run that has its model already (closed
+    again after a crash, or a reused teacher's record linked to its model) keeps that one."""
     import tempfile
 
     import mlflow
@@ -280,23 +297,28 @@ def log_model(uri: str, run_id: str, model, labels: dict) -> None:
     import torch
     import torchvision
 
+    client = quick_client(uri)
+    run = client.get_run(run_id)
+    if run.outputs is not None and run.outputs.model_outputs:
+        return
+    model, labels = scripted()
+    # Created here, in the run's experiment: left to itself, log_model files it under the fluent API's experiment.
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id)
     quiet = logging.getLogger("mlflow")
-    before_level, before_uri = quiet.level, mlflow.get_tracking_uri()
+    level, uri_was_set, before = quiet.level, mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
     quiet.setLevel(logging.ERROR)  # its advice on pickles (this is TorchScript) and on signatures
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # log_model has no client: it takes the process's store
     try:
-        # MLflow files a model under the fluent API's experiment (Default, here), not its run's: name the run's.
-        experiment = quick_client(uri).get_run(run_id).info.experiment_id
-        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars(), _environ("MLFLOW_EXPERIMENT_ID", experiment):
+        with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
             categories = Path(tmp) / "categories.json"
             categories.write_text(json.dumps(labels, indent=1))
-            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, run_id=run_id, serialization_format="pickle",
-                                     extra_files=[str(categories)],
+            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, run_id=run_id, model_id=logged.model_id,
+                                     serialization_format="pickle", extra_files=[str(categories)],
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                        f"torchvision=={torchvision.__version__.split('+')[0]}"])
     finally:
-        mlflow.set_tracking_uri(before_uri)
-        quiet.setLevel(before_level)
+        mlflow.set_tracking_uri(before if uri_was_set else None)
+        quiet.setLevel(level)
 
 
 def delete_run(uri: str, run_id: str) -> None:
@@ -319,16 +341,21 @@ def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
 
 
 def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: str, history: list[dict],
-                        params: dict[str, str], tags: dict[str, str], run_name: str | None = None) -> str:
-    """A finished MLflow run for a run done before (a reused teacher, tags["dist2.reused_from"] naming its
-    MLflow run): its params, tags, epochs' metrics and datasets."""
+                        params: dict[str, str], tags: dict[str, str], reused_from: str,
+                        run_name: str | None = None) -> str:
+    """A finished MLflow run for a run done before, MLflow run `reused_from` (a reused teacher): its params, tags
+    and epochs' metrics, and, where that run is in this store, its datasets and its model."""
     client = quick_client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name or cfg.name,
-                            tags={"dist2.kind": kind, "dist2.run_dir": str(cfg.run_dir), **tags})
+                            tags={KIND_TAG: kind, "dist2.run_dir": str(cfg.run_dir), REUSED_TAG: reused_from, **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
-    with contextlib.suppress(Exception):  # its datasets, where the run it repeats is in this store
-        inputs = client.get_run(tags["dist2.reused_from"]).inputs.dataset_inputs
-        client.log_inputs(run.info.run_id, datasets=inputs)
+    try:
+        source = client.get_run(reused_from)
+        client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
+        client.log_outputs(run.info.run_id, models=source.outputs.model_outputs)
+    except Exception as exc:  # another store's run: this record is complete without them
+        log.info("%s: the datasets and model of run %s are not in %s (%s)", cfg.name, reused_from, uri,
+                 exc.__class__.__name__)
     close_run(uri, run.info.run_id, history, [cfg.run_dir / CONFIG, cfg.run_dir / METRICS])
     return run.info.run_id
 
@@ -345,18 +372,15 @@ def view_tag(columns: list[str]) -> dict[str, str]:
     return {VIEW_TAG + VIEW_KEY: json.dumps({"selectedColumns": columns})}
 
 
-def ui_command(uri: str, experiment: str | None = None, port: int = 5000) -> str:
-    """How to open the MLflow UI on this store: the command for an embedded store, and the experiment's page in
-    the model-training view (dist2's view where the experiment has one)."""
-    base, command = uri.rstrip("/"), ""
-    if uri.startswith("sqlite:///"):
+def ui_command(uri: str, experiment: str, port: int = 5000) -> str:
+    """How to open the MLflow UI on this store: for a tracking server its address, otherwise the `mlflow ui`
+    command; then the experiment's runs in the model-training view, in dist2's view where it has one."""
+    if uri.startswith(("http://", "https://")):
+        base, command = uri.rstrip("/"), "open "
+    else:
         base = f"http://127.0.0.1:{port}"
         command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
-    if experiment is None:
-        return command + base
     found = quick_client(uri).get_experiment_by_name(experiment)
-    if found is None:
-        return command + base
     view = f"&viewStateShareKey={VIEW_KEY}" if VIEW_TAG + VIEW_KEY in found.tags else ""
     return f"{command}{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning{view}"
 
@@ -397,21 +421,21 @@ def log_folder(uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
 ABLATION_KIND, PARENT_TAG = "ablation", "mlflow.parentRunId"
 
 
-def ablation_run(uri: str, experiment: str) -> str:
-    """The experiment's ablation run (tag dist2.kind = ablation): the one found, else a new one named after the
-    experiment. An ablation continued with --resume, or reported again, keeps its parent."""
+def ablation_run(uri: str, experiment: str) -> tuple[str, bool]:
+    """The experiment's ablation run (tag dist2.kind = ablation) and whether it is new: the one found, else one
+    created, named after the experiment. An ablation continued with --resume, or reported again, keeps its parent."""
     client = quick_client(uri)
     exp_id = experiment_id(uri, experiment)
-    found = client.search_runs([exp_id], f"tags.`dist2.kind` = '{ABLATION_KIND}'", order_by=["start_time ASC"])
+    found = client.search_runs([exp_id], f"tags.`{KIND_TAG}` = '{ABLATION_KIND}'", order_by=["start_time ASC"])
     if found:
-        return found[0].info.run_id
-    return client.create_run(exp_id, run_name=experiment, tags={"dist2.kind": ABLATION_KIND}).info.run_id
+        return found[0].info.run_id, False
+    return client.create_run(exp_id, run_name=experiment, tags={KIND_TAG: ABLATION_KIND}).info.run_id, True
 
 
 def open_ablation_run(uri: str, experiment: str, source: Path, sizes: dict[str, float]) -> str:
     """The ablation's parent run, marked running, with its file and the grid's size (metrics: a grid may grow)."""
     client = quick_client(uri)
-    run_id = ablation_run(uri, experiment)
+    run_id, _ = ablation_run(uri, experiment)
     client.update_run(run_id, status="RUNNING")
     client.log_artifact(run_id, str(source))
     client.log_batch(run_id, metrics=_metrics(sizes, 0))
@@ -419,19 +443,23 @@ def open_ablation_run(uri: str, experiment: str, source: Path, sizes: dict[str, 
 
 
 def end_ablation_run(uri: str, run_id: str, status: str) -> None:
-    quick_client(uri).set_terminated(run_id, status)
+    """Close the parent run; an unreachable store warns (the grid's own outcome stands)."""
+    try:
+        quick_client(uri).set_terminated(run_id, status)
+    except Exception as exc:
+        log.warning("MLflow %s unreachable (%s); the ablation's run %s stays open", uri, exc.__class__.__name__,
+                    run_id)
 
 
 def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[str, float],
                 run_id: str | None = None) -> str:
     """The report's files (and folders, the gallery) as artifacts of the ablation run under report/, replacing
-    those of an earlier report. `run_id`: the running ablation's parent, closed by `dist2 ablate` itself;
-    otherwise (a standalone `dist2 report`) the experiment's ablation run, found or created, is closed here
-    unless an ablation is running in it."""
+    those of an earlier report: `run_id` (the running ablation's parent, closed by `dist2 ablate` itself), else
+    the experiment's ablation run, whose status a standalone `dist2 report` leaves alone, or a new one it closes."""
     client = quick_client(uri)
-    standalone = run_id is None
-    run_id = run_id or ablation_run(uri, experiment)
-    running = client.get_run(run_id).info.status == "RUNNING"
+    created = False
+    if run_id is None:
+        run_id, created = ablation_run(uri, experiment)
     for path in artifacts:
         if Path(path).is_dir():
             client.log_artifacts(run_id, str(path), artifact_path=f"report/{Path(path).name}")
@@ -439,6 +467,6 @@ def log_summary(uri: str, experiment: str, artifacts: list[Path], metrics: dict[
             client.log_artifact(run_id, str(path), artifact_path="report")
     if metrics:
         client.log_batch(run_id, metrics=_metrics(metrics, 0))
-    if standalone and not running:
+    if created:
         client.set_terminated(run_id, "FINISHED")
     return run_id

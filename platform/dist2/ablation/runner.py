@@ -212,9 +212,9 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, pa
     """A teacher trained before (by any ablation) appears in this experiment as a finished `teacher` run."""
     record = RunDir(run.cfg).finished()
     run_id = tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"], {**run.params},
-                                          {**_child_tags(experiment, parent_run_id), "dist2.config": str(source),
-                                           "dist2.reused_from": record["mlflow_run_id"]}, run.label)
-    log_detector(run.cfg, uri, run_id)
+                                          {**_child_tags(experiment, parent_run_id), "dist2.config": str(source)},
+                                          record["mlflow_run_id"], run.label)
+    log_detector(run.cfg, uri, run_id)  # where the run it repeats is in another store (else it links that model)
 
 
 def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
@@ -240,14 +240,14 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     command = shlex.join(["dist2", "ablate", str(path), *(arg for o in overrides for arg in ("--set", o))])
     tracking.tag_experiment(uri, spec.name, {tracking.COMMAND_TAG: command, **GRID_VIEW})
     missing = [t for t in teachers if RunDir(t.cfg).finished() is None]
+    log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
+             len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
     parent = tracking.open_ablation_run(uri, spec.name, source, {"grid_trials": len(runs),
                                                                  "grid_teachers": len(teachers)})
     where = {"tracking_uri": uri, "experiment": spec.name, "source": str(source), "parent_run_id": parent}
-    log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
-             len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
-    scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
     status = "FAILED"
     try:
+        scheduling.request_grid(footprint, len(runs), spec.max_concurrent)
         with _working_in(spec.output_dir):
             code = _run_phases(command, spec, source, teachers, missing, runs, where, footprint, resume,
                                wait_timeout)
@@ -320,7 +320,10 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
                                                                           "grid_packing_efficiency": packing},
                           ablation_run=where["parent_run_id"])
     print(f"\nreport: {report}")
-    print(f"MLflow UI on this store: {tracking.ui_command(uri, spec.name)}")
+    try:
+        print(f"MLflow UI on this store: {tracking.ui_command(uri, spec.name)}")
+    except Exception as exc:  # the grid is done and reported: a store gone away now is only a missing hint
+        log.warning("MLflow %s unreachable (%s): no link to the MLflow UI", uri, exc.__class__.__name__)
     failed = [r for r in results if r.error is not None]
     if failed:
         raise RunFailed(f"{spec.name}: {len(failed)} of {len(results)} trial(s) failed (their cells are missing "

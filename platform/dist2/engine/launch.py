@@ -177,7 +177,7 @@ def log_detector(cfg: ExperimentConfig, uri: str, run_id: str) -> None:
     from dist2.export import scripted
 
     try:
-        tracking.log_model(uri, run_id, *scripted(cfg, cfg.run_dir / WEIGHTS))
+        tracking.log_model(uri, run_id, lambda: scripted(cfg, cfg.run_dir / WEIGHTS))
     except Exception as exc:
         log.warning("%s: the MLflow model was not logged (%s: %s); model.pth is complete", cfg.name,
                     exc.__class__.__name__, str(exc).splitlines()[0][:300] if str(exc) else "")

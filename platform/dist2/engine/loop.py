@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ StepHook = Callable[[int, int], None]
 
 
 def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, optimizer, scheduler, scaler, device,
-                    epoch: int, cfg: ExperimentConfig, on_step: Optional[StepHook] = None) -> dict[str, float]:
+                    epoch: int, cfg: ExperimentConfig, on_step: StepHook | None = None) -> dict[str, float]:
     """One pass over this worker's shard. `model` is the optimised module, wrapped for data parallelism when
     there are several workers. Loss metrics are this worker's means; img_per_s is the throughput of all."""
     model.train()
@@ -129,7 +129,7 @@ def run_eval(task: Task, val_ds: CocoDetection, device, cfg: ExperimentConfig, f
 
 
 def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: CocoDetection, device: torch.device,
-           state: dict | None = None, on_step: Optional[StepHook] = None) -> Iterator[tuple[dict, dict]]:
+           state: dict | None = None, on_step: StepHook | None = None) -> Iterator[tuple[dict, dict]]:
     """Train from `state` (a resume state, or None for a fresh start) to cfg.train.epochs, evaluating every
     cfg.train.eval_every epochs. Yields (metrics, resume state) after each epoch; the caller saves them.
     `on_step` follows the steps (rank 0's heartbeat).

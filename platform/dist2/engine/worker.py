@@ -142,7 +142,7 @@ def run_worker(config: dict) -> dict | None:
     try:
         task, train_ds, val_ds = TASKS[job.kind](cfg, device)
         if logger is not None:
-            logger.log_datasets([describe(cfg.data, train_ds, "train"), describe(cfg.data, val_ds, "val")])
+            logger.log_datasets(lambda: [describe(cfg.data, train_ds, "train"), describe(cfg.data, val_ds, "val")])
             logger.start_system_metrics()
         for metrics, state in epochs(cfg, task, train_ds, val_ds, device, _resume_state(run, on_ray),
                                      on_step=logger and logger.heartbeat):
