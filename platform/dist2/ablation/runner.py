@@ -204,6 +204,16 @@ def _stopped_waiting(command: str, watch: scheduling.PhaseWatch) -> UserError:
                          f"{command} --resume")
 
 
+def _stopped_early(spec: AblationConfig, command: str, results, runs: list[Run]) -> bool:
+    """Whether Tune stopped a phase before all its trials finished (Ctrl-C: its state is saved); says so."""
+    unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
+    left = len(runs) - len(results) + len(unfinished)
+    if left:
+        print(f"dist2: {spec.name}: interrupted with {left} trial(s) unfinished; continue with {command} --resume",
+              file=sys.stderr)
+    return left > 0
+
+
 def _trial_seconds(results) -> float:
     return sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
 
@@ -290,6 +300,8 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
         results, wall, watch = _tune("teachers", wide, spec, where, False, wide_footprint, wait_timeout)
         if watch.timed_out:
             raise _stopped_waiting(command, watch)
+        if _stopped_early(spec, command, results, wide):  # the grid needs every teacher: it waits for --resume
+            return 130
         failed = [r for r in results if r.error is not None]
         if failed:
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
@@ -306,10 +318,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
     results, wall, watch = _tune("grid", runs, spec, where, restore, footprint, wait_timeout)
     if watch.timed_out:
         raise _stopped_waiting(command, watch)
-    unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
-    if unfinished or len(results) < len(runs):  # Tune stopped early (Ctrl-C): its state is saved
-        print(f"dist2: {spec.name}: interrupted with {len(runs) - len(results) + len(unfinished)} trial(s) "
-              f"unfinished; continue with {command} --resume", file=sys.stderr)
+    if _stopped_early(spec, command, results, runs):
         return 130
     packing = watch.packing(_trial_seconds(results))
     log.info("%s grid: %d trial(s) in %.0f s, packing efficiency %.2f (%s-seconds of trials / of the cluster)",
