@@ -7,7 +7,7 @@ config hash, so both grids start alike):
   - "+ a node after trial 1": a second node of the same size joins (`ray start --address`) as soon as the
     first grid trial has finished.
 Printed: the grid's wall time and packing efficiency (Σ trial CPU-seconds / Σ cluster CPU-seconds) from the
-report run, and, for the second, the time from the node's `ray start` returning to the first trial started on
+ablation's run, and, for the second, the time from the node's `ray start` returning to the first trial started on
 it (MLflow run start, node from the run's `dist2.node_ids` tag). Both nodes share this machine's cores: on a
 small machine the second node adds trial slots, not compute.
 """
