@@ -92,7 +92,7 @@ def open_runs(driver, link: str, parent: str, timeout: float = 60) -> str:
 def main(store: str, experiment: str, picture: str) -> None:
     from dist2.tracking import ui_command
 
-    with mlflow_ui(store) as port, chromium() as driver:
+    with mlflow_ui(store) as port, chromium(height=820) as driver:  # the quickstart's eight rows
         link = ui_command(store, experiment, port).split("then open ")[-1]
         open_runs(driver, link, experiment)
         driver.save_screenshot(picture)
