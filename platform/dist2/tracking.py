@@ -289,7 +289,7 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
     categories.json beside it maps labels to category ids and names. No signature or input example: MLflow's
     schemas cannot describe a detector's output (one dict of variable-length tensors per image), so the model is
     not served as a pyfunc. `scripted()` gives (the module, its labels); a run that has its model already (closed
-    again after a crash, or a reused teacher's record linked to its model) keeps that one."""
+    again after a crash) keeps that one."""
     import tempfile
 
     import mlflow
@@ -344,7 +344,8 @@ def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: 
                         params: dict[str, str], tags: dict[str, str], reused_from: str,
                         run_name: str | None = None) -> str:
     """A finished MLflow run for a run done before, MLflow run `reused_from` (a reused teacher): its params, tags
-    and epochs' metrics, and, where that run is in this store, its datasets and its model."""
+    and epochs' metrics, and, where that run is in this store, its datasets. (Its model is logged again, not linked:
+    the UI's Models column shows only models of the run's own experiment.)"""
     client = quick_client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name or cfg.name,
                             tags={KIND_TAG: kind, "dist2.run_dir": str(cfg.run_dir), REUSED_TAG: reused_from, **tags})
@@ -352,10 +353,8 @@ def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: 
     try:
         source = client.get_run(reused_from)
         client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
-        client.log_outputs(run.info.run_id, models=source.outputs.model_outputs)
     except Exception as exc:  # another store's run: this record is complete without them
-        log.info("%s: the datasets and model of run %s are not in %s (%s)", cfg.name, reused_from, uri,
-                 exc.__class__.__name__)
+        log.info("%s: the datasets of run %s are not in %s (%s)", cfg.name, reused_from, uri, exc.__class__.__name__)
     close_run(uri, run.info.run_id, history, [cfg.run_dir / CONFIG, cfg.run_dir / METRICS])
     return run.info.run_id
 

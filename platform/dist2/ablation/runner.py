@@ -224,7 +224,7 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, pa
     run_id = tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"], {**run.params},
                                           {**_child_tags(experiment, parent_run_id), "dist2.config": str(source)},
                                           record["mlflow_run_id"], run.label)
-    log_detector(run.cfg, uri, run_id)  # where the run it repeats is in another store (else it links that model)
+    log_detector(run.cfg, uri, run_id)
 
 
 def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
