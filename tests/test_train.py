@@ -273,8 +273,8 @@ def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teach
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
+    from dist2.artifacts import CATEGORIES_FILE
     from dist2.data.build import build_val_dataset
-    from dist2.export import CATEGORIES_FILE
 
     teacher_yaml, teacher_dir, _ = teacher
     out = tmp_path / "deploy/teacher.pt"

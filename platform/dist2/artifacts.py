@@ -6,3 +6,4 @@ RESUME = "resume.pth"  # model (with adapters), optimizer, scheduler, scaler, ep
 CONFIG = "config.yaml"  # the experiment as it ran (overrides applied)
 METRICS = "metrics.json"  # {"history": [per-epoch metrics], "final": {...}, "mlflow_run_id": ...}; written last
 BEST = "best"  # the run folder's copy of the checkpoint folder of its best epoch by train.best_metric
+CATEGORIES_FILE = "categories.json"  # {label: {"id": category id, "name": name}} beside an exported or MLflow model

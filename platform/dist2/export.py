@@ -19,12 +19,11 @@ from typing import Dict, List
 
 import torch
 
+from dist2.artifacts import CATEGORIES_FILE
 from dist2.checkpoint import load_weights
 from dist2.config import ExperimentConfig
 from dist2.data.build import build_val_dataset
 from dist2.modeling import build_detector
-
-CATEGORIES_FILE = "categories.json"
 
 
 class Exported(torch.nn.Module):

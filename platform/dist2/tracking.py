@@ -19,7 +19,7 @@ from typing import Callable
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from dist2.artifacts import CONFIG, METRICS
+from dist2.artifacts import CATEGORIES_FILE, CONFIG, METRICS
 from dist2.config import ExperimentConfig, flatten
 from dist2.errors import RunFailed, UserError
 
@@ -310,7 +310,7 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
     mlflow.set_tracking_uri(uri)  # log_model has no client: it takes the process's store
     try:
         with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
-            categories = Path(tmp) / "categories.json"
+            categories = Path(tmp) / CATEGORIES_FILE
             categories.write_text(json.dumps(labels, indent=1))
             mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, run_id=run_id, model_id=logged.model_id,
                                      serialization_format="pickle", extra_files=[str(categories)],
