@@ -42,6 +42,23 @@ def test_stages_reproduce_torchvision_forward(batch, detector, backbone, width):
 
 
 @pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+def test_one_image_alone_is_detected_as_in_a_batch_of_its_size(detector):
+    """A 32-channel head on a 96-pixel image: P7 is 1x1 with one channel per GroupNorm group, which torch's own
+    GroupNorm refuses for a batch of one. Alone, the image gets the detections it gets beside another image of its
+    size (evaluation and `dist2 predict` run images alone or in batches of one size)."""
+    cfg = ModelConfig(detector=detector, backbone="mobilenet_v2", channels=32, width_mult=0.5, score_thresh=0.0)
+    torch.manual_seed(0)
+    model = build_detector(cfg, DataConfig(test_size=96, max_size=160), {1: "a", 3: "b"}).eval()
+    image, other = torch.rand(3, 96, 96), torch.rand(3, 96, 96)
+    with torch.no_grad():
+        assert [p.shape[-2:] for p in model.neck_stage(model.backbone_stage(image[None]))][-1] == (1, 1)
+        alone, together = model([image])[0], model([image, other])[0]
+    assert len(alone["boxes"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(alone[key], together[key], rtol=1e-5, atol=1e-4)  # batched convolutions round apart
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
 def test_stage_shapes_and_strides(batch, detector):
     categories, images, _ = batch
     model = build_detector(ModelConfig(detector=detector, backbone="resnet10", channels=64),

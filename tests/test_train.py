@@ -353,3 +353,36 @@ def test_predict_draws_each_image_and_writes_coco_results_that_evaluate_like_the
                                    "--images", images, "--out", tmp_path / "bad")
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+
+def test_evaluation_gives_each_image_its_own_detections_whatever_the_batch(teacher):
+    """The detector pads a batch to its largest image and the padding changes what it finds, so evaluation batches
+    only images of one size: the metrics at batch 1 (each image alone), 3 and 8 are the same, and so are those of
+    the training run's own last evaluation (batch 4)."""
+    from dist2.checkpoint import load_weights
+    from dist2.data.build import build_val_dataset
+    from dist2.data.loader import same_size_batches
+    from dist2.evaluation import evaluate
+    from dist2.evaluation.coco_eval import predict
+
+    teacher_yaml, teacher_dir, _ = teacher
+    cfg = load_config(teacher_yaml)
+    val = build_val_dataset(cfg.data)
+    model = build_detector(cfg.model, cfg.data, val.categories)
+    load_weights(model, teacher_dir / "model.pth")
+    model.eval()
+    cpu = torch.device("cpu")
+    sizes = [(val.coco.imgs[i]["width"], val.coco.imgs[i]["height"]) for i in val.ids]
+    assert len(set(sizes)) >= 2  # the hazard exists in this set: images of several sizes
+    # ... and it is real: an image of another size in the batch changes this image's detections.
+    first, other = 0, next(i for i, size in enumerate(sizes) if size != sizes[0])
+    alone, mixed = predict(model, val, cpu, [[first]]), predict(model, val, cpu, [[first, other]])
+    assert alone != [r for r in mixed if r["image_id"] == val.ids[first]]
+    batches = same_size_batches(val, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(val))) and all(len(b) <= 3 for b in batches)
+    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+    metrics = {bs: evaluate(model, val, cpu, bs) for bs in (1, 3, 8)}
+    assert metrics[1]["mAP"] > 5
+    for bs in (3, 8):
+        assert metrics[bs] == pytest.approx(metrics[1], abs=1e-6, nan_ok=True), bs
+    assert read_json(teacher_dir / "metrics.json")["final"]["mAP"] == pytest.approx(metrics[1]["mAP"], abs=1e-6)

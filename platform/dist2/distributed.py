@@ -3,7 +3,6 @@ single process (world size 1) needs none."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,13 +28,11 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
-def shard(n: int, block: int = 1) -> list[int]:
-    """This worker's indices of a dataset of n items, dealt out in blocks of `block` consecutive items: every
-    item exactly once over all workers (a DistributedSampler would pad with repeats, and a repeated image would
-    count twice in COCO evaluation). With block = the batch size, every batch is the one a single process
-    would form, so batched inference (padding included) gives exactly the single-process result."""
-    blocks = range(rank(), math.ceil(n / block), world_size())
-    return [i for b in blocks for i in range(b * block, min(n, (b + 1) * block))]
+def shard(batches: list) -> list:
+    """This worker's share of a list of whole batches, dealt out in turn: every batch exactly once over all
+    workers (a DistributedSampler would pad with repeats, and a repeated image would count twice in COCO
+    evaluation)."""
+    return batches[rank()::world_size()]
 
 
 def gather(items: list) -> list:

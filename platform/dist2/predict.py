@@ -87,14 +87,12 @@ def predict(cfg: ExperimentConfig, checkpoint: Path, sources: list[Path], out: P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    batch = cfg.train.batch_size
-    for start in range(0, len(paths), batch):  # batched as evaluation batches (the detector pads each batch)
-        chunk = [(start + i + 1, path, _read(path)) for i, path in enumerate(paths[start:start + batch])]
+    for index, path in enumerate(paths):  # one at a time: the detections evaluation gives each image (no padding)
+        image = _read(path)
         with torch.no_grad():
-            found = detect([image.to(device) for _, _, image in chunk])
-        for (index, path, image), detections in zip(chunk, found, strict=True):
-            image_id = known.get(path.name, first_new + index - 1)
-            results += _draw_and_list(image, path, detections, image_id, val, out, score_thresh)
+            (detections,) = detect([image.to(device)])
+        image_id = known.get(path.name, first_new + index)
+        results += _draw_and_list(image, path, detections, image_id, val, out, score_thresh)
     (out / RESULTS).write_text(json.dumps(results))
     return out
 

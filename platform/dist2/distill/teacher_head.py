@@ -14,13 +14,14 @@ Either way the teacher's head is untouched.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from dist2 import checkpoint
 from dist2.checkpoint import load_weights
 from dist2.config import ExperimentConfig
 from dist2.data.build import build_unaugmented_train_dataset, build_val_dataset
 from dist2.data.coco import CocoDetection, collate
+from dist2.data.loader import same_size_batches
 from dist2.distill.adapters import Adapter
 from dist2.distill.distiller import level_channels
 from dist2.distill.teacher import frozen_teacher, load_teacher, require_distill_sections
@@ -42,8 +43,8 @@ def fit_linear_probe(student: StagedDetector, teacher: StagedDetector, dataset: 
     """Least-squares per-level 1x1 conv from the student's P3-P7 to the teacher's, over `num_images` images."""
     was_training = student.training
     student.eval()
-    loader = DataLoader(Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size,
-                        collate_fn=collate)
+    batches = same_size_batches(dataset, batch_size, range(min(num_images, len(dataset))))
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     gram = cross = None
     for images, _ in loader:
         images = [img.to(device) for img in images]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from dist2 import distributed
 from dist2.data.coco import CocoDetection, collate
+from dist2.data.loader import same_size_batches
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS, DEFAULT_EVAL_BACKEND, EVAL_BACKENDS
 
 
@@ -92,12 +93,10 @@ def coco_metrics(coco_gt: COCO, results: list[dict], backend: str = DEFAULT_EVAL
 
 
 @torch.no_grad()
-def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
-            indices: list[int] | None = None) -> list[dict]:
-    """Run `detect(images) -> [{boxes, scores, labels}]` over the dataset (or some of its indices) and return
+def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batches: list[list[int]]) -> list[dict]:
+    """Run `detect(images) -> [{boxes, scores, labels}]` over the dataset's `batches` (lists of indices) and return
     COCO results with the dataset's own category ids and boxes as xywh in original image coordinates."""
-    subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     results = []
     for images, targets in loader:
         detections = detect([img.to(device) for img in images])
@@ -112,11 +111,12 @@ def predict(detect: Callable, dataset: CocoDetection, device: torch.device, batc
 
 def evaluate_detections(detect: Callable, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
                         backend: str = DEFAULT_EVAL_BACKEND, per_class: bool = False) -> dict[str, float]:
-    """COCO metrics of `detect(images)` on `dataset`. With several workers each predicts its own shard of whole
-    batches, the predictions are gathered and COCOeval runs once, on rank 0: the numbers are exactly those of
-    one process with the same batch size."""
-    indices = distributed.shard(len(dataset), batch_size)
-    results = distributed.gather(predict(detect, dataset, device, batch_size, indices))
+    """COCO metrics of `detect(images)` on `dataset`, each image's detections those it gets alone: batches hold
+    images of one size (`same_size_batches`), so neither the batch size nor the number of workers changes a
+    number. With several workers each predicts its share of the batches, the predictions are gathered and
+    COCOeval runs once, on rank 0."""
+    batches = distributed.shard(same_size_batches(dataset, batch_size))
+    results = distributed.gather(predict(detect, dataset, device, batches))
     metrics = coco_metrics(dataset.coco, results, backend, per_class) if distributed.rank() == 0 else None
     return distributed.from_rank_zero(metrics)
 

@@ -133,6 +133,23 @@ def _load_coco_weights(model: StagedDetector, detector: str, categories: dict[in
     model.load_state_dict(remap_coco_classifier(state, list(categories), num_anchors))
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that also normalises a single image whose group holds one value, which torch refuses ("Expected
+    more than 1 value per channel") though it is well defined (the value normalises to 0: the output is the bias)
+    and passes as soon as a second image shares the batch. A 32-channel head on a 128-pixel image has a 1x1 P7
+    with one channel per group, so without it one image alone could not be detected."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _single_image_group_norms(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:  # torchvision's FCOS head builds its own
+            module.__class__ = GroupNorm
+    return model
+
+
 def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes: int,
                        download: bool = True) -> StagedDetector:
     """The detector with freshly initialised (or ImageNet-backbone) weights. download=False builds the same
@@ -153,7 +170,7 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         # unnormalised head barely moves in the first epochs. COCO weights come with the original head.
         anchors = _default_anchorgen().num_anchors_per_location()[0]
         extra["head"] = RetinaNetHead(model_cfg.channels, anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
-    return DETECTORS[model_cfg.detector](
+    return _single_image_group_norms(DETECTORS[model_cfg.detector](
         backbone,
         num_classes=num_classes,
         min_size=data_cfg.test_size,
@@ -165,7 +182,7 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         # here, so that predictions come back in original image coordinates for COCO evaluation.
         _skip_resize=True,
         **extra,
-    )
+    ))
 
 
 def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dict[int, str]) -> StagedDetector:
