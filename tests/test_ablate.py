@@ -19,6 +19,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import mlflow_ui
+from dist2.tracking import RUN_DIR_TAG
 
 from conftest import REPO, run_cli, write_ablation
 
@@ -165,15 +166,15 @@ def resumed(cluster, pair, out, tmp_path_factory) -> dict:
         finished = [r for r in grid if r.info.status == "FINISHED"]
         # A trial between its epochs: epoch 1's checkpoint complete, epoch 2 not yet.
         part_way = {r.info.run_name: r.info.run_id for r in grid if r.info.status == "RUNNING"
-                    and (Path(r.data.tags["dist2.run_dir"]) / "epoch_0001/metrics.json").is_file()
-                    and not (Path(r.data.tags["dist2.run_dir"]) / "epoch_0002").exists()}
+                    and (Path(r.data.tags[RUN_DIR_TAG]) / "epoch_0001/metrics.json").is_file()
+                    and not (Path(r.data.tags[RUN_DIR_TAG]) / "epoch_0002").exists()}
         if finished and part_way:
             break
     assert finished and part_way and first.poll() is None, "no moment with a finished and a part-way trial"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     parents = [r.info.run_id for r in runs if r.data.tags.get("dist2.kind") == "ablation"]
-    before = {r.info.run_name: (r.info.end_time, (Path(r.data.tags["dist2.run_dir"]) / "model.pth").stat().st_mtime)
+    before = {r.info.run_name: (r.info.end_time, (Path(r.data.tags[RUN_DIR_TAG]) / "model.pth").stat().st_mtime)
               for r in finished}
     second = subprocess.run([sys.executable, "-m", "dist2", "ablate", str(ablation), "--resume", "--address",
                              cluster["address"]], env=env, capture_output=True, text=True, timeout=900)
@@ -205,7 +206,7 @@ def test_resume_after_the_driver_is_killed(resumed):
                     if r.info.run_name == run.info.run_name] == [run.info.run_id]
         if run.info.run_name in before:
             # finished before the kill: neither trained again nor its MLflow run touched
-            weights = Path(run.data.tags["dist2.run_dir"]) / "model.pth"
+            weights = Path(run.data.tags[RUN_DIR_TAG]) / "model.pth"
             assert (run.info.end_time, weights.stat().st_mtime) == before[run.info.run_name]
     teacher = [r for r in runs if r.data.params.get("method") == "teacher"]
     assert len(teacher) == 1 and teacher[0].info.status == "FINISHED"

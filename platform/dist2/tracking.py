@@ -30,6 +30,7 @@ KIND_TAG = "dist2.kind"  # run tag: train, distill, or the ablation's parent run
 REUSED_TAG = "dist2.reused_from"  # run tag: the MLflow run a recorded (reused) run repeats
 MACHINE_TAG = "dist2.machine"  # run tag: the hardware a run's numbers come from (rank 0's host, world size)
 COMMAND_TAG = "dist2.command"  # experiment tag: the command that runs the experiment's grid
+RUN_DIR_TAG = "dist2.run_dir"  # run tag: the run's folder (config.yaml, model.pth, resume.pth, metrics.json)
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: Path) -> str:
@@ -129,10 +130,10 @@ def open_run(uri: str, cfg: ExperimentConfig, kind: str, run_id: str | None, exp
             client.update_run(run_id, status="RUNNING")
             return run_id
         exp_id = experiment_id(uri, experiment)
-        for stale in client.search_runs([exp_id], f"tags.`dist2.run_dir` = '{cfg.run_dir}'"):
+        for stale in client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{cfg.run_dir}'"):
             if stale.info.status in ("RUNNING", "KILLED"):
                 client.delete_run(stale.info.run_id)
-        tags = {KIND_TAG: kind, "dist2.run_dir": str(cfg.run_dir), **extra_tags}
+        tags = {KIND_TAG: kind, RUN_DIR_TAG: str(cfg.run_dir), **extra_tags}
         run = client.create_run(exp_id, run_name=run_name or cfg.name, tags=tags)
         log_params(client, run.info.run_id, {**flatten(cfg), **extra_params})
         return run.info.run_id
@@ -336,7 +337,7 @@ def run_status(uri: str, run_id: str) -> str:
 def has_finished_run(uri: str, experiment: str, run_dir: Path) -> bool:
     client = quick_client(uri)
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.`dist2.run_dir` = '{run_dir}'") if found else []
+    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'") if found else []
     return any(run.info.status == "FINISHED" for run in runs)
 
 
@@ -348,7 +349,7 @@ def record_finished_run(uri: str, experiment: str, cfg: ExperimentConfig, kind: 
     the UI's Models column shows only models of the run's own experiment.)"""
     client = quick_client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name or cfg.name,
-                            tags={KIND_TAG: kind, "dist2.run_dir": str(cfg.run_dir), REUSED_TAG: reused_from, **tags})
+                            tags={KIND_TAG: kind, RUN_DIR_TAG: str(cfg.run_dir), REUSED_TAG: reused_from, **tags})
     log_params(client, run.info.run_id, {**flatten(cfg), **params})
     try:
         source = client.get_run(reused_from)

@@ -56,6 +56,7 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
         **{c.removeprefix("metrics."): frame[c] for c in frame.columns if c.startswith(f"metrics.{CLASS_AP}")},
         "machine": frame.get(f"tags.{tracking.MACHINE_TAG}", pd.Series(index=frame.index, dtype=object)),
         "run_id": frame.get("run_id", pd.Series(index=frame.index, dtype=object)),
+        "run_dir": frame.get(f"tags.{tracking.RUN_DIR_TAG}", pd.Series(index=frame.index, dtype=object)),
     })
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order

@@ -1,0 +1,70 @@
+"""Re-evaluate a finished grid's final checkpoints with today's evaluation and write its report from those numbers.
+
+    python ablations/reevaluate.py EXPERIMENT [--tracking-uri URI] [--out DIR] [--tables table1 teacher_head]
+
+For grids measured before a change to the evaluation (2026-11-29: val batches hold images of one size, so no
+number depends on the batch size any more). Training never reads an evaluation, so a run's final checkpoint
+evaluated again gives exactly what the current code's own final evaluation would have logged: every run with a
+teacher through `dist2 eval --teacher-head` on its resume.pth (mAP, AR, each category's AP and the teacher-head
+measures), a teacher through `dist2 eval` on its model.pth. Writes OUT/results.md (and its plots) and
+OUT/reevaluated.json (each run's metrics as logged and as re-evaluated); the MLflow store is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dist2 import tracking
+from dist2.config import load_config
+from dist2.distill.teacher_head import evaluate_with_teacher_head
+from dist2.evaluation.files import evaluate_checkpoint
+from dist2.methods import TEACHER
+from dist2.report import load_runs, render
+
+
+def reevaluate(row) -> dict[str, float]:
+    run_dir = Path(row["run_dir"])
+    cfg = load_config(run_dir / "config.yaml")
+    if row["method"] == TEACHER:
+        return evaluate_checkpoint(cfg, run_dir / "model.pth")
+    return evaluate_with_teacher_head(cfg, run_dir / "resume.pth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
+    parser.add_argument("--out", type=Path, help="default: report_reevaluated/ beside the grid's trial folders")
+    parser.add_argument("--tables", nargs="+", default=["table1", "teacher_head", "per_class"])
+    args = parser.parse_args(argv)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("runs"))
+    runs = load_runs(uri, args.experiment)
+    grid_folder = runs["run_dir"].dropna().map(lambda d: str(Path(d).parent)).mode()[0]  # the trials' (not teachers')
+    out = args.out or Path(grid_folder) / "report_reevaluated"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {}
+    for i, row in runs.iterrows():
+        start = time.perf_counter()
+        metrics = reevaluate(row)
+        name = Path(row["run_dir"]).name
+        record[name] = {"logged": {k: row[k] for k in metrics if k in row.index}, "reevaluated": metrics}
+        for key, value in metrics.items():
+            if key in runs.columns:
+                runs.loc[i, key] = value
+        print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+    (out / "reevaluated.json").write_text(json.dumps(record, indent=1, default=float))
+    command = tracking.experiment_tag(uri, args.experiment, tracking.COMMAND_TAG)
+    given = " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{command}`, re-evaluated by `python ablations/reevaluate.py {given}"
+    (out / "results.md").write_text(render(runs, args.tables, out, args.experiment, command) + "\n")
+    print(out / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
