@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = reevaluate(row)
         name = Path(row["run_dir"]).name
         record[name] = {"logged": {k: row[k] for k in metrics if k in row.index}, "reevaluated": metrics}
-        for key, value in metrics.items():
-            if key in runs.columns:
-                runs.loc[i, key] = value
+        for key, value in metrics.items():  # each category's AP too, which runs logged before it existed lack
+            runs.loc[i, key] = value
         print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",
               flush=True)
     (out / "reevaluated.json").write_text(json.dumps(record, indent=1, default=float))
