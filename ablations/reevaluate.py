@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         metrics = reevaluate(row)
         name = Path(row["run_dir"]).name
-        record[name] = {"logged": {k: row[k] for k in metrics if k in row.index}, "reevaluated": metrics}
+        record[name] = {"method": row["method"], "logged": {k: row[k] for k in metrics if k in row.index},
+                        "reevaluated": metrics}
         for key, value in metrics.items():  # each category's AP too, which runs logged before it existed lack
             runs.loc[i, key] = value
         print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",

@@ -259,6 +259,29 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
 
 
 @pytest.mark.skipif(not mlflow_ui.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
+def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):
+    """ablations/reevaluate.py on a grid the current code ran: every run's final checkpoint, evaluated again, gives
+    the metrics the run logged (training never reads an evaluation), and the report is written from them; the
+    store is only read."""
+    client, runs = _runs(resumed["uri"], "resumegrid")
+    result = subprocess.run([sys.executable, str(REPO / "ablations/reevaluate.py"), "resumegrid",
+                             "--tracking-uri", resumed["uri"], "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "reevaluated.json").read_text())
+    assert len(record) == 5  # the teacher's record, the student, DI with 1, 2 and 3 strategies
+    for name, metrics in record.items():
+        assert {"mAP", "AR100", "AP/circle"} <= metrics["reevaluated"].keys(), name
+        assert ("teacher_head_probe_mAP" in metrics["reevaluated"]) == (metrics["method"] != "teacher"), name
+        # the report's columns (AP, each category's AP, the teacher-head measures) as the run logged them
+        assert {"mAP", "APs", "AP/circle"} <= metrics["logged"].keys(), name
+        for key, logged in metrics["logged"].items():
+            assert metrics["reevaluated"][key] == pytest.approx(logged, abs=1e-6, nan_ok=True), (name, key)
+    report = (tmp_path / "results.md").read_text()
+    assert "re-evaluated by `python ablations/reevaluate.py resumegrid" in report and "## Table 1" in report
+    assert len(_runs(resumed["uri"], "resumegrid")[1]) == len(runs)
+
+
 def test_the_mlflow_ui_opens_the_grid_as_a_tree_of_named_runs_with_its_columns(resumed):
     """The link `dist2 ablate` prints, opened in headless Chromium on a real `mlflow ui`: the training-runs view
     (not the GenAI overview), the ablation's run with every run of the grid under it by its new name, and the
