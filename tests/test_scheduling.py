@@ -47,3 +47,25 @@ def test_a_worker_wider_than_every_node_type_is_refused_naming_the_resource():
 ])
 def test_what_some_node_can_hold_is_not_refused(footprint, node_types, nodes):
     refuse_impossible(footprint, node_types, nodes)
+
+
+def test_packing_counts_only_trial_seconds_inside_the_phase(monkeypatch):
+    """A resumed grid's results include trials that finished under an earlier driver: they ran on no cluster this
+    driver watched and must not count (a resumed grid once read 6.19, beyond the possible 1)."""
+    from types import SimpleNamespace
+
+    from dist2.ablation.scheduling import TRIAL_END, TRIAL_WALL, PhaseWatch
+
+    watch = PhaseWatch("grid", Footprint.of(1, 2, 0), None)
+    watch.resource_seconds = 2.0 * 100  # a 2-CPU cluster watched for 100 s
+    start = watch.started_at
+
+    def result(wall: float, end: float):
+        return SimpleNamespace(metrics={TRIAL_WALL: wall, TRIAL_END: end})
+
+    earlier = result(3000.0, start - 10)  # finished before this driver started
+    straddling = result(50.0, start + 20)  # started 30 s before the phase: 20 s inside it
+    inside = result(60.0, start + 90)
+    unfinished = SimpleNamespace(metrics={})
+    assert watch.packing([earlier, straddling, inside, unfinished]) == pytest.approx((20 + 60) * 2 / 200)
+    assert watch.packing([earlier]) == 0.0

@@ -34,7 +34,7 @@ from ray import tune
 
 from dist2 import tracking
 from dist2.ablation import scheduling
-from dist2.ablation.scheduling import Footprint, LiveCapacity
+from dist2.ablation.scheduling import TRIAL_END, TRIAL_WALL, Footprint, LiveCapacity
 from dist2.ablation.spec import SCHEMA, AblationConfig, Run, grid_runs, load_ablation, teacher_runs
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import launch, log_detector
@@ -100,7 +100,7 @@ def _trial(config: dict) -> None:
                      params=job.params, tags=_child_tags(job.experiment, job.parent_run_id), in_process=True,
                      reuse_finished=True, run_name=job.run_name or None)
     result = {k: float(metrics[k]) for k in REPORTED if isinstance(metrics.get(k), (int, float))}
-    tune.report({**result, "trial_wall_s": time.monotonic() - started})
+    tune.report({**result, TRIAL_WALL: time.monotonic() - started, TRIAL_END: time.time()})
 
 
 # ---------------------------------------------------------------- driver
@@ -206,16 +206,12 @@ def _stopped_waiting(command: str, watch: scheduling.PhaseWatch) -> UserError:
 
 def _stopped_early(spec: AblationConfig, command: str, results, runs: list[Run]) -> bool:
     """Whether Tune stopped a phase before all its trials finished (Ctrl-C: its state is saved); says so."""
-    unfinished = [r for r in results if r.error is None and "trial_wall_s" not in (r.metrics or {})]
+    unfinished = [r for r in results if r.error is None and TRIAL_WALL not in (r.metrics or {})]
     left = len(runs) - len(results) + len(unfinished)
     if left:
         print(f"dist2: {spec.name}: interrupted with {left} trial(s) unfinished; continue with {command} --resume",
               file=sys.stderr)
     return left > 0
-
-
-def _trial_seconds(results) -> float:
-    return sum((r.metrics or {}).get("trial_wall_s", 0.0) for r in results)
 
 
 def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, parent_run_id: str) -> None:
@@ -307,7 +303,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
             raise RunFailed(f"{spec.name}: {len(failed)} teacher(s) failed, the grid needs them: "
                             + "; ".join(str(r.error).splitlines()[0][:200] for r in failed))
         log.info("%s teachers: %.0f s, packing efficiency %.2f", spec.name, wall,
-                 watch.packing(_trial_seconds(results)))
+                 watch.packing(results))
     for teacher in teachers:
         if teacher not in missing and not tracking.has_finished_run(uri, spec.name, teacher.cfg.run_dir):
             _record_reused_teacher(uri, spec.name, teacher, source, where["parent_run_id"])
@@ -320,7 +316,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
         raise _stopped_waiting(command, watch)
     if _stopped_early(spec, command, results, runs):
         return 130
-    packing = watch.packing(_trial_seconds(results))
+    packing = watch.packing(results)
     log.info("%s grid: %d trial(s) in %.0f s, packing efficiency %.2f (%s-seconds of trials / of the cluster)",
              spec.name, len(results), wall, packing, footprint.sized_by)
 

@@ -183,6 +183,10 @@ def cluster_line(footprint: Footprint) -> str:
 
 # ---------------------------------------------------------------- watching a phase
 
+# What each trial reports besides its metrics: its seconds of wall time, and when it ended (epoch seconds).
+TRIAL_WALL, TRIAL_END = "trial_wall_s", "trial_end_s"
+
+
 class PhaseWatch:
     """The driver's view of one Tune run: its cluster resource-seconds (for packing efficiency) and its waits.
     While no trial runs, a line every minute; after `wait_timeout` seconds of it, a SIGINT to this process, which
@@ -191,6 +195,7 @@ class PhaseWatch:
     def __init__(self, phase: str, footprint: Footprint, wait_timeout: float | None):
         self.phase, self.footprint, self.wait_timeout = phase, footprint, wait_timeout
         self.resource_seconds = 0.0
+        self.started_at = time.time()
         self.waiting_since: float | None = None
         self.timed_out = False
         self._sampled: tuple[float, float] | None = None  # (when, cluster's amount of the sized-by resource)
@@ -222,9 +227,13 @@ class PhaseWatch:
             self.timed_out = True
             os.kill(os.getpid(), signal.SIGINT)
 
-    def packing(self, trial_seconds: float) -> float:
-        """Σ trial resource-seconds / Σ cluster resource-seconds (1 = the cluster was never idle)."""
-        used = trial_seconds * self.footprint.total[self.footprint.sized_by]
+    def packing(self, results) -> float:
+        """Σ trial resource-seconds / Σ cluster resource-seconds while this phase ran (1 = the cluster was never
+        idle), from the trials' results (TRIAL_WALL and TRIAL_END). A trial counts for its seconds inside the phase:
+        a resumed grid's trials that finished under an earlier driver ran on no cluster this watch measured."""
+        seconds = sum(max(0.0, min(m[TRIAL_WALL], m[TRIAL_END] - self.started_at))
+                      for m in (r.metrics or {} for r in results) if TRIAL_WALL in m and TRIAL_END in m)
+        used = seconds * self.footprint.total[self.footprint.sized_by]
         return used / self.resource_seconds if self.resource_seconds > 0 else math.nan
 
 
