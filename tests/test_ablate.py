@@ -258,12 +258,11 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
     assert len({d.dataset.digest for r in children for d in r.inputs.dataset_inputs}) == 2
 
 
-@pytest.mark.skipif(not mlflow_ui.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
 def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):
     """ablations/reevaluate.py on a grid the current code ran: every run's final checkpoint, evaluated again, gives
     the metrics the run logged (training never reads an evaluation), and the report is written from them; the
     store is only read."""
-    client, runs = _runs(resumed["uri"], "resumegrid")
+    _, runs = _runs(resumed["uri"], "resumegrid")
     result = subprocess.run([sys.executable, str(REPO / "ablations/reevaluate.py"), "resumegrid",
                              "--tracking-uri", resumed["uri"], "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
@@ -282,6 +281,7 @@ def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):
     assert len(_runs(resumed["uri"], "resumegrid")[1]) == len(runs)
 
 
+@pytest.mark.skipif(not mlflow_ui.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
 def test_the_mlflow_ui_opens_the_grid_as_a_tree_of_named_runs_with_its_columns(resumed):
     """The link `dist2 ablate` prints, opened in headless Chromium on a real `mlflow ui`: the training-runs view
     (not the GenAI overview), the ablation's run with every run of the grid under it by its new name, and the

@@ -49,7 +49,7 @@ def test_what_some_node_can_hold_is_not_refused(footprint, node_types, nodes):
     refuse_impossible(footprint, node_types, nodes)
 
 
-def test_packing_counts_only_trial_seconds_inside_the_phase(monkeypatch):
+def test_packing_counts_only_trial_seconds_inside_the_phase():
     """A resumed grid's results include trials that finished under an earlier driver: they ran on no cluster this
     driver watched and must not count (a resumed grid once read 6.19, beyond the possible 1)."""
     from types import SimpleNamespace
