@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,21 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def run_store(tmp_path: Path) -> MlflowClient:
+    """The default store of runs written under tmp_path/runs."""
+    return MlflowClient(f"sqlite:///{tmp_path / 'runs/mlflow.db'}")
+
+
+def only_run(client: MlflowClient, experiment: str = "dist2"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
 
 
 def free_port() -> int:

@@ -15,28 +15,17 @@ from dist2.config import load_config
 from conftest import (
     SMALL,
     distill_config,
+    epochs_logged,
     free_port,
+    only_run,
     read_json,
     run_cli,
+    run_store,
     start_mlflow_server,
     stop,
     tiny_config,
     write_config,
 )
-
-
-def _store(tmp_path: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{tmp_path / 'runs/mlflow.db'}")
-
-
-def _only_run(client: MlflowClient, experiment: str = "dist2"):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return runs[0]
-
-
-def _epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
 
 
 def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_like_one_process(tmp_path, teacher,
@@ -58,13 +47,13 @@ def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_li
     history = read_json(run_dir / "metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
 
-    run = _only_run(_store(tmp_path))
-    client = _store(tmp_path)
+    run = only_run(run_store(tmp_path))
+    client = run_store(tmp_path)
     assert run.info.status == "FINISHED" and run.info.run_name == "student_di"
     assert run.data.params["distill.strategies"] == "['N2N', 'B2N']" and run.data.params["ray.num_workers"] == "2"
     assert run.data.tags["dist2.world_size"] == "2" and run.data.tags["dist2.kind"] == "distill"
     assert run.data.tags["dist2.nodes"] == "2" and run.data.tags["dist2.cuda_visible_devices"] == ";"
-    assert _epochs_logged(client, run.info.run_id) == [1, 2]
+    assert epochs_logged(client, run.info.run_id) == [1, 2]
     for key in ("loss_di/N2N", "loss_fi/B2N", "loss_det/classification", "lr", "img_per_s", "mAP", "AP50",
                 "teacher_head_mAP"):
         assert run.data.metrics[key] == pytest.approx(history[-1][key], nan_ok=True), key
@@ -108,10 +97,10 @@ def test_a_worker_lost_right_after_a_checkpoint_resumes_from_it_not_from_scratch
     assert [len(found) for found in lines.values()] == [1, 1], output[-3000:]
     history = read_json(tmp_path / "runs/tiny/metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    client = _store(tmp_path)
-    run = _only_run(client)
+    client = run_store(tmp_path)
+    run = only_run(client)
     assert run.info.status == "FINISHED"
-    assert _epochs_logged(client, run.info.run_id) == [1, 2]
+    assert epochs_logged(client, run.info.run_id) == [1, 2]
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "img_per_s")}
     for epoch in (1, 2):
         kept = history[epoch - 1]["img_per_s"]
@@ -152,8 +141,8 @@ def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, sy
         assert driver.returncode == 0, output
         assert "unreachable" in output
         client = MlflowClient(uri)
-        run = _only_run(client, "served")
-        assert run.info.status == "FINISHED" and _epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5]
+        run = only_run(client, "served")
+        assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id) == [1, 2, 3, 4, 5]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pth", "metrics.json"}
     finally:
         stop(server)
@@ -169,7 +158,7 @@ def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, wor
     result = run_cli("train", cfg_path)
     assert result.returncode == 1, result.stderr
     assert "stopped: loss term" in result.stderr and "Traceback" not in result.stderr
-    run = _only_run(_store(tmp_path))
+    run = only_run(run_store(tmp_path))
     assert run.info.status == "FAILED"
     tags = run.data.tags
     assert tags["dist2.failure_term"] in {"loss", "classification", "bbox_regression", "bbox_ctrness"}

@@ -1,3 +1,7 @@
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,7 +11,7 @@ from dist2.config import load_config
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
 
-from conftest import read_json, run_cli, tiny_config, write_config
+from conftest import epochs_logged, only_run, read_json, run_cli, run_store, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +102,32 @@ def test_the_run_folder_keeps_its_best_epoch_and_mlflow_tags_it(two_epochs, tmp_
     assert not list(run.folder.glob(".best.*"))
 
 
-def test_a_run_of_the_same_name_continues_exactly(two_epochs, tmp_path, synth_root):
-    """One epoch, stop, start the same run again for two == two epochs in one go, to the bit."""
+def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root):
+    """SIGTERM (`ray job stop`, `kill`, a preemption) the moment epoch 1's checkpoint is complete is taken as
+    Ctrl-C: exit 130 with one line and no traceback, the MLflow run closed KILLED with epoch 1 logged (not left
+    RUNNING). The same command again continues that run after epoch 1 and ends where two epochs in one go end, to
+    the bit."""
     broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken"))
-    assert run_cli("train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]").returncode == 0
+    first = subprocess.Popen([sys.executable, "-m", "dist2", "train", str(broken)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    epoch_1 = tmp_path / "runs/broken/epoch_0001/metrics.json"  # written last: the checkpoint is complete
+    deadline = time.monotonic() + 300
+    while not epoch_1.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert epoch_1.exists() and first.returncode == 130, stderr[-3000:]
+    assert stderr.rstrip().endswith("dist2: interrupted") and "Traceback" not in stderr, stderr[-3000:]
+    client = run_store(tmp_path)
+    stopped = only_run(client)
+    assert stopped.info.status == "KILLED" and epochs_logged(client, stopped.info.run_id) == [1]
+
     result = run_cli("train", broken)
     assert result.returncode == 0, result.stderr
     assert "continuing after epoch 1 of 2" in result.stderr
+    continued = only_run(client)
+    assert (continued.info.run_id, continued.info.status) == (stopped.info.run_id, "FINISHED")
+    assert epochs_logged(client, continued.info.run_id) == [1, 2]
     straight = two_epochs.parent / "runs" / "tiny"
     a = torch.load(straight / "model.pth", weights_only=True)
     b = torch.load(tmp_path / "runs/broken/model.pth", weights_only=True)

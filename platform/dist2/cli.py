@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from dist2.errors import UserError
@@ -305,10 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_as_on_ctrl_c(signum, frame) -> None:
+    """SIGTERM (`ray job stop`, `kill`, a scheduler's preemption) ends Python at once by default, leaving its
+    MLflow runs RUNNING and a grid's Tune state unsaved: take it as Ctrl-C instead. Whatever handles SIGINT now
+    runs (Tune's while a grid's phase runs: it saves its state and stops the trials; Python's otherwise:
+    KeyboardInterrupt, and the runs are closed KILLED). Called directly rather than by re-sending SIGINT, which a
+    process started in the background by a shell ignores."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Only the main thread may set handlers; the caller's handler comes back (main() is also called in-process).
+    previous = signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c) if _in_main_thread() else None
     try:
         return args.func(args)
     except UserError as exc:
@@ -317,7 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dist2: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 if __name__ == "__main__":
     sys.exit(main())
