@@ -34,6 +34,11 @@ def reevaluate(row) -> dict[str, float]:
     return evaluate_with_teacher_head(cfg, run_dir / "resume.pth")
 
 
+def _grid_folder(runs) -> Path:
+    """Where most runs' folders are: the trials' (the teachers' are elsewhere, in the shared cache)."""
+    return Path(runs["run_dir"].dropna().map(lambda d: str(Path(d).parent)).mode()[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment")
@@ -43,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("runs"))
     runs = load_runs(uri, args.experiment)
-    grid_folder = runs["run_dir"].dropna().map(lambda d: str(Path(d).parent)).mode()[0]  # the trials' (not teachers')
-    out = args.out or Path(grid_folder) / "report_reevaluated"
+    out = args.out or _grid_folder(runs) / "report_reevaluated"
     out.mkdir(parents=True, exist_ok=True)
     record = {}
     for i, row in runs.iterrows():
