@@ -1,6 +1,7 @@
 """Re-evaluate a finished grid's final checkpoints with today's evaluation and write its report from those numbers.
 
-    python ablations/reevaluate.py EXPERIMENT [--tracking-uri URI] [--out DIR] [--tables table1 teacher_head]
+    python ablations/reevaluate.py EXPERIMENT [EXPERIMENT ...] [--tracking-uri URI] [--out DIR]
+        [--tables table1 teacher_head]
 
 For grids measured before a change to the evaluation (2026-11-29: val batches hold images of one size, so no
 number depends on the batch size any more). Training never reads an evaluation, so a run's final checkpoint
@@ -8,6 +9,8 @@ evaluated again gives exactly what the current code's own final evaluation would
 teacher through `dist2 eval --teacher-head` on its resume.pth (mAP, AR, each category's AP and the teacher-head
 measures), a teacher through `dist2 eval` on its model.pth. Writes OUT/results.md (and its plots) and
 OUT/reevaluated.json (each run's metrics as logged and as re-evaluated); the MLflow store is only read.
+Several experiments make one report (e.g. a grid and a later grid that added methods or seeds to it); a run found
+in more than one (a shared, cached teacher) counts once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from dist2 import tracking
 from dist2.config import load_config
@@ -41,13 +46,14 @@ def _grid_folder(runs) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment")
+    parser.add_argument("experiments", nargs="+", metavar="EXPERIMENT")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     parser.add_argument("--out", type=Path, help="default: report_reevaluated/ beside the grid's trial folders")
     parser.add_argument("--tables", nargs="+", default=["table1", "teacher_head", "per_class"])
     args = parser.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("runs"))
-    runs = load_runs(uri, args.experiment)
+    runs = pd.concat([load_runs(uri, name) for name in args.experiments], ignore_index=True)
+    runs = runs[runs["run_dir"].isna() | ~runs.duplicated("run_dir")].reset_index(drop=True)
     out = args.out or _grid_folder(runs) / "report_reevaluated"
     out.mkdir(parents=True, exist_ok=True)
     record = {}
@@ -62,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",
               flush=True)
     (out / "reevaluated.json").write_text(json.dumps(record, indent=1, default=float))
-    command = tracking.experiment_tag(uri, args.experiment, tracking.COMMAND_TAG)
+    commands = "`; `".join(str(tracking.experiment_tag(uri, name, tracking.COMMAND_TAG)) for name in args.experiments)
     given = " ".join(sys.argv[1:] if argv is None else argv)
-    command = f"{command}`, re-evaluated by `python ablations/reevaluate.py {given}"
-    (out / "results.md").write_text(render(runs, args.tables, out, args.experiment, command) + "\n")
+    command = f"{commands}`, re-evaluated by `python ablations/reevaluate.py {given}"
+    (out / "results.md").write_text(render(runs, args.tables, out, " + ".join(args.experiments), command) + "\n")
     print(out / "results.md")
     return 0
 

@@ -261,9 +261,10 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
 def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):
     """ablations/reevaluate.py on a grid the current code ran: every run's final checkpoint, evaluated again, gives
     the metrics the run logged (training never reads an evaluation), and the report is written from them; the
-    store is only read."""
+    store is only read. The experiment given twice (as a grid and a later grid sharing its cached teacher would
+    be): each run counts once."""
     _, runs = _runs(resumed["uri"], "resumegrid")
-    result = subprocess.run([sys.executable, str(REPO / "ablations/reevaluate.py"), "resumegrid",
+    result = subprocess.run([sys.executable, str(REPO / "ablations/reevaluate.py"), "resumegrid", "resumegrid",
                              "--tracking-uri", resumed["uri"], "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -278,6 +279,7 @@ def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):
             assert metrics["reevaluated"][key] == pytest.approx(logged, abs=1e-6, nan_ok=True), (name, key)
     report = (tmp_path / "results.md").read_text()
     assert "re-evaluated by `python ablations/reevaluate.py resumegrid" in report and "## Table 1" in report
+    assert f"\n{len(record)} finished run(s)." in report  # not twice as many
     assert len(_runs(resumed["uri"], "resumegrid")[1]) == len(runs)
 
 
