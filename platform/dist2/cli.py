@@ -341,5 +341,6 @@ def main(argv: list[str] | None = None) -> int:
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
+
 if __name__ == "__main__":
     sys.exit(main())
