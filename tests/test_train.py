@@ -1,4 +1,5 @@
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from dist2.config import load_config
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
@@ -409,3 +411,20 @@ def test_evaluation_gives_each_image_its_own_detections_whatever_the_batch(teach
     for bs in (3, 8):
         assert metrics[bs] == pytest.approx(metrics[1], abs=1e-6, nan_ok=True), bs
     assert read_json(teacher_dir / "metrics.json")["final"]["mAP"] == pytest.approx(metrics[1]["mAP"], abs=1e-6)
+
+
+def test_a_run_shorter_than_one_sampling_interval_still_logs_its_nodes_metrics(tmp_path, monkeypatch):
+    """MLflow's monitor publishes only after its first interval and drops its samples when stopped earlier: a run
+    stopped at once (here with a 60 s interval) still gets one point of each system metric, on its own node."""
+    from dist2.tracking import EpochLogger
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "60")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("short")).info.run_id
+    logger = EpochLogger(uri, run_id)
+    logger.start_system_metrics()
+    logger.stop_system_metrics()
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(history) == 1 and 0 <= history[0].value <= 100
+    assert client.get_run(run_id).data.tags["dist2.system_metrics_host"] == socket.gethostname()

@@ -228,9 +228,19 @@ class EpochLogger:
             self._warn("system metrics", exc)
 
     def stop_system_metrics(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None
+        if self.monitor is None:
+            return
+        monitor, self.monitor = self.monitor, None
+        monitor.finish()
+        # The monitor publishes after its first interval, and stopped earlier it drops its samples: a run shorter
+        # than that would show no node metrics at all. Publish one sample then.
+        try:
+            if not any(name.startswith("system/") for name in self.client.get_run(self.run_id).data.metrics):
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as exc:
+            self._warn("system metrics", exc)
 
     def heartbeat(self, step: int, images: int) -> None:
         """Called after every training step (global step, images trained by all workers so far): logs the step and
