@@ -47,8 +47,8 @@ def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_li
     history = read_json(run_dir / "metrics.json")["history"]
     assert [h["epoch"] for h in history] == [1, 2]
 
-    run = only_run(run_store(tmp_path))
     client = run_store(tmp_path)
+    run = only_run(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "student_di"
     assert run.data.params["distill.strategies"] == "['N2N', 'B2N']" and run.data.params["ray.num_workers"] == "2"
     assert run.data.tags["dist2.world_size"] == "2" and run.data.tags["dist2.kind"] == "distill"

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from dist2.config import load_config
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
+from dist2.tracking import EpochLogger
 
 from conftest import epochs_logged, only_run, read_json, run_cli, run_store, tiny_config, write_config
 
@@ -416,8 +417,6 @@ def test_evaluation_gives_each_image_its_own_detections_whatever_the_batch(teach
 def test_a_run_shorter_than_one_sampling_interval_still_logs_its_nodes_metrics(tmp_path, monkeypatch):
     """MLflow's monitor publishes only after its first interval and drops its samples when stopped earlier: a run
     stopped at once (here with a 60 s interval) still gets one point of each system metric, on its own node."""
-    from dist2.tracking import EpochLogger
-
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "60")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
