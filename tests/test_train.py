@@ -1,3 +1,4 @@
+import json
 import signal
 import socket
 import subprocess
@@ -103,6 +104,37 @@ def test_the_run_folder_keeps_its_best_epoch_and_mlflow_tags_it(two_epochs, tmp_
         assert kept == {1: 1, 2: 2, 3: 2, 4: 2, 5: 2, 6: 6}[epoch], epoch
         assert torch.load(run.folder / "best/model.pth")["w"].item() == kept
     assert not list(run.folder.glob(".best.*"))
+
+
+def test_a_checkpoint_cut_short_while_being_copied_is_not_the_one_a_run_continues_from(two_epochs, tmp_path):
+    """Ray persists a checkpoint folder's files in no fixed order: a worker group lost mid-copy can leave all four
+    names present and one file cut short (seen: a truncated resume.pth that the restarted group could not load).
+    Such a folder is not complete; the run continues from the newest whole one."""
+    import shutil
+
+    from dist2.engine.rundir import RunDir, write_checkpoint
+
+    run = RunDir(load_config(two_epochs, [f"output_dir={tmp_path}"]))
+    for epoch in (1, 2):
+        history = [{"epoch": e} for e in range(1, epoch + 1)]
+        write_checkpoint(run.epoch_folder(epoch), {"w": torch.zeros(256)}, {"history": history}, {"e": epoch}, "r")
+    newest, older = run.epoch_folder(2), run.epoch_folder(1)
+    assert run.latest() == newest
+    whole = tmp_path / "whole"
+    shutil.copytree(newest, whole)
+    for name, cut in (("model.pth", 10), ("resume.pth", 1), ("config.yaml", 2), ("metrics.json", 5)):
+        data = (whole / name).read_bytes()
+        (newest / name).write_bytes(data[:-cut])
+        assert run.latest() == older, name
+        (newest / name).unlink()
+        assert run.latest() == older, name
+        (newest / name).write_bytes(data)
+        assert run.latest() == newest, name
+    # A checkpoint written before the sizes were recorded is complete when its four files are there.
+    record = read_json(newest / "metrics.json")
+    del record["sizes"]
+    (newest / "metrics.json").write_text(json.dumps(record))
+    assert run.latest() == newest
 
 
 def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root):

@@ -1,8 +1,10 @@
 """A run's files, in one place: its epoch checkpoints and its run folder.
 
 Every epoch writes a checkpoint folder `epoch_NNNN/` (config.yaml, model.pth, resume.pth, metrics.json) under
-storage_path/name, by default the run folder itself; a folder is complete when all four files are there (this
-module writes metrics.json last and atomically; Ray persists a reported folder's files in no fixed order).
+storage_path/name, by default the run folder itself. A folder is complete when metrics.json reads whole and every
+other file is there at the size metrics.json records for it: this module writes metrics.json last and atomically,
+but Ray persists a reported folder's files in no fixed order, and a worker group lost mid-copy leaves every name
+present and one file cut short.
 When the run ends, the last checkpoint's files are copied into the run folder (output_dir/name),
 which is what users, `dist2 eval` and the ablation's teacher cache read.
 
@@ -26,24 +28,28 @@ from dist2.config import ExperimentConfig, flatten
 from dist2.errors import UserError
 
 FINAL_FILES = (CONFIG, WEIGHTS, RESUME, METRICS)
+SIZED_FILES = (CONFIG, WEIGHTS, RESUME)  # recorded in metrics.json, which is written after them
 # The only settings a run may change when it continues: its length and its resources.
 CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.", "eval.")
 
 
 def read_record(folder: Path) -> dict:
-    """A checkpoint's (or run folder's) metrics.json: {"history", "final", "mlflow_run_id"}."""
+    """A checkpoint's (or run folder's) metrics.json: {"history", "final", "mlflow_run_id", "sizes"}."""
     return json.loads((Path(folder) / METRICS).read_text())
 
 
 def write_checkpoint(folder: Path, weights: dict, state: dict, cfg: dict, run_id: str) -> None:
-    """One epoch's checkpoint folder; metrics.json last and atomically, so that a folder with it is complete."""
+    """One epoch's checkpoint folder; metrics.json last and atomically, with the byte size of every other file (a
+    copy of the folder is complete when its files have those sizes)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     checkpoint.atomic_save(weights, folder / WEIGHTS)
     checkpoint.atomic_save(state, folder / RESUME)
     history = state["history"]
+    sizes = {name: (folder / name).stat().st_size for name in SIZED_FILES}
     tmp = folder / (METRICS + ".tmp")
-    tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id}, indent=1))
+    tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id, "sizes": sizes},
+                              indent=1))
     os.replace(tmp, folder / METRICS)
 
 
@@ -55,6 +61,16 @@ def best_epoch(history: list[dict], metric: str) -> dict | None:
 
 def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds all its files whole (see the module's docstring)."""
+    try:
+        sizes = read_record(folder).get("sizes", {})  # absent in checkpoints written before sizes were recorded
+    except (OSError, ValueError):  # metrics.json missing or still being copied
+        return False
+    files = [folder / name for name in SIZED_FILES]
+    return all(f.is_file() and f.stat().st_size == sizes.get(f.name, f.stat().st_size) for f in files)
 
 
 def _epoch(folder: Path | None) -> int:
@@ -70,10 +86,9 @@ class RunDir:
         self.checkpoints = Path(cfg.storage_path).absolute() / cfg.name if local else None
 
     def latest(self) -> Path | None:
-        """The newest complete epoch checkpoint folder, or None. Complete: every file there (this module writes
-        metrics.json last, but Ray persists a reported folder's files in no fixed order)."""
-        found = sorted(self.checkpoints.glob(f"epoch_*/{METRICS}")) if self.checkpoints is not None else []
-        complete = [m.parent for m in found if all((m.parent / name).is_file() for name in FINAL_FILES)]
+        """The newest complete epoch checkpoint folder, or None."""
+        found = sorted(self.checkpoints.glob("epoch_*")) if self.checkpoints is not None else []
+        complete = [folder for folder in found if is_complete(folder)]
         return complete[-1] if complete else None
 
     def newest(self, other: Path | None) -> Path | None:
