@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shlex
@@ -26,6 +27,17 @@ def _isolated_cache(tmp_path_factory):
     # runs of seconds have some.
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"] = "1"
+
+
+@contextlib.contextmanager
+def short_temp_dir(prefix: str):
+    """A folder with a short absolute path, removed afterwards: Ray and PostgreSQL put Unix sockets in the folders
+    they are given, and a socket's path may not exceed 107 bytes (pytest's folders under xdist come close)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -174,14 +186,13 @@ def postgres():
     them as its own system user) with an empty `mlflow` database; yields its URI (a Unix socket)."""
     import pgserver
 
-    home = Path(tempfile.mkdtemp(prefix="dist2-pg-"))  # not under pytest's root-only folder: postgres reads it
-    server = pgserver.get_server(home / "data", cleanup_mode="stop")
-    try:
-        server.psql("CREATE DATABASE mlflow;")
-        yield server.get_uri("mlflow")
-    finally:
-        server.cleanup()
-        shutil.rmtree(home, ignore_errors=True)
+    with short_temp_dir("dist2-pg-") as home:  # not under pytest's root-only folder: postgres reads it
+        server = pgserver.get_server(home / "data", cleanup_mode="stop")
+        try:
+            server.psql("CREATE DATABASE mlflow;")
+            yield server.get_uri("mlflow")
+        finally:
+            server.cleanup()
 
 
 def compose_tracking_server() -> dict:
@@ -212,14 +223,13 @@ NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # the cluster's worker
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster():
     """A real Ray cluster on loopback (`ray start --head`, token auth on) whose head has no CPU, as on an
     autoscaling cloud cluster, its dashboard taking jobs. It starts with no worker node: `add_node()` starts the
     next of NODES (`ray start --address`), `grow()` all that are not up yet. Two 2-CPU workers fit no single node:
     they span both."""
     from dist2.bench_cluster import stop_local_cluster
 
-    temp = tmp_path_factory.mktemp("ray")
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dashboard = free_port(), free_port()
@@ -231,17 +241,17 @@ def cluster(tmp_path_factory):
         # Ray on the machine: the job agent would not start, and job submission would never find one.
         return [f"--dashboard-agent-listen-port={free_port()}"]
 
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                    f"--ray-client-server-port={free_port()}", *own_ports(), *common],
-                   env=env, check=True, capture_output=True, timeout=120)
+    def ray_start(*args: str) -> None:
+        done = subprocess.run([ray, "start", *args, *own_ports(), *common], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, f"ray start {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
     started: list[float] = []  # when each node joined (time.time())
 
     def add_node() -> float:
         node = NODES[len(started)]
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                        f"--num-cpus={node['cpus']}", f"--num-gpus={node['gpus']}", *own_ports(), *common],
-                       env=env, check=True, capture_output=True, timeout=120)
+        ray_start(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={node['cpus']}",
+                  f"--num-gpus={node['gpus']}")
         started.append(time.time())
         return started[-1]
 
@@ -249,11 +259,15 @@ def cluster(tmp_path_factory):
         while len(started) < len(NODES):
             add_node()
 
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-               "ray": ray, "add_node": add_node, "grow": grow, "nodes": started}
-    finally:
-        stop_local_cluster(port)  # this cluster only: never another Ray on the machine
+    with short_temp_dir("dist2-ray-") as temp:
+        ray_start("--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                  f"--ray-client-server-port={free_port()}")
+        try:
+            yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+                   "ray": ray, "add_node": add_node, "grow": grow, "nodes": started}
+        finally:
+            stop_local_cluster(port)  # this cluster only: never another Ray on the machine
 
 
 # Eight images, evaluated on themselves: a teacher overfitted to them in seconds scores well above zero, which
@@ -277,3 +291,4 @@ def teacher(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert read_json(tmp / "runs/teacher/metrics.json")["final"]["mAP"] > 5
     return path, tmp / "runs/teacher", root
+
