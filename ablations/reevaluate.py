@@ -27,7 +27,7 @@ from dist2 import tracking
 from dist2.config import load_config
 from dist2.distill.teacher_head import evaluate_with_teacher_head
 from dist2.evaluation.files import evaluate_checkpoint
-from dist2.methods import TEACHER
+from dist2.methods import EVAL_VERSION, TEACHER
 from dist2.report import load_runs, render
 
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         "reevaluated": metrics}
         for key, value in metrics.items():  # each category's AP too, which runs logged before it existed lack
             runs.loc[i, key] = value
+        runs.loc[i, "eval_version"] = str(EVAL_VERSION)
         print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",
               flush=True)
     (out / "reevaluated.json").write_text(json.dumps(record, indent=1, default=float))

@@ -19,6 +19,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import mlflow_ui
+from dist2.methods import EVAL_VERSION
 from dist2.tracking import RUN_DIR_TAG
 
 from conftest import REPO, run_cli, write_ablation
@@ -249,6 +250,8 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
         assert train.source_type == "synthetic" and len(train.digest) == 16
         assert json.loads(train.profile)["images"] == 16 and json.loads(train.source)["num_train"] == 16
         assert len(run.outputs.model_outputs) == 1  # the Models column's link
+        # Measured by today's evaluation, the reused teacher too (its run folder's metrics.json says so).
+        assert run.data.tags["dist2.eval_version"] == str(EVAL_VERSION), run.info.run_name
         if "dist2.reused_from" in run.data.tags:
             continue  # the module's teacher, trained by the first test's grid: recorded here, not trained
         assert "system/cpu_utilization_percentage" in run.data.metrics, run.info.run_name
@@ -256,6 +259,8 @@ def test_every_run_of_a_grid_logs_its_data_its_node_a_heartbeat_and_a_model(resu
         assert min(m.value for m in client.get_metric_history(run.info.run_id, "train/step")) == 1  # first step
     # Every run of the grid trained on the same data, the continued one too (its inputs were not logged twice).
     assert len({d.dataset.digest for r in children for d in r.inputs.dataset_inputs}) == 2
+    report = (Path(resumed["uri"].removeprefix("sqlite:///")).parent / "resumegrid/report/results.md").read_text()
+    assert "Command: `dist2 ablate" in report and "**Evaluation**" not in report  # nothing to warn of
 
 
 def test_reevaluating_a_grid_reproduces_what_its_runs_logged(resumed, tmp_path):

@@ -368,7 +368,7 @@ def test_a_method_registered_in_one_line_is_accepted_run_expanded_and_reported(d
 
     from dist2.ablation.spec import SCHEMA, grid_runs, load_ablation, teacher_runs
     from dist2.methods import METHODS, Method
-    from dist2.report import METRICS, render
+    from dist2.report import METRICS, RUN_COLUMNS, render
 
     from conftest import REPO
 
@@ -398,7 +398,7 @@ def test_a_method_registered_in_one_line_is_accepted_run_expanded_and_reported(d
     # The report of these runs (their MLflow params, a made-up mAP each): the toy at λ_feat = 1 is Table 1's row.
     finished = [{**{k: r.params.get(k, "") for k in SCHEMA}, "mAP": 20.0 + i} for i, r in enumerate(runs)]
     finished += [{**finished[0], "lambda_feat": "1.0", "seed": str(s), "mAP": m} for s, m in ((0, 30.0), (1, 31.0))]
-    frame = pd.DataFrame(finished).reindex(columns=[*SCHEMA, *METRICS, "machine"])  # as load_runs returns it
+    frame = pd.DataFrame(finished).reindex(columns=[*SCHEMA, *METRICS, *RUN_COLUMNS])  # as load_runs returns it
     text = render(frame, ["table1", "lambda_di"], tmp_path, "toy")
     rows = [line for line in text.split("## Table 1", 1)[1].splitlines() if line.startswith("|")]
     toy_row = next(line for line in rows if "+ Toy" in line)

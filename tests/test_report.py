@@ -2,12 +2,14 @@
 back the paper's tables and deltas exactly; seeds aggregate; unfinished runs and missing cells are never used
 or invented; the report is logged to the experiment's ablation run."""
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dist2.methods import EVAL_VERSION
 from dist2.report import paper
 
 from conftest import REPO, run_cli
@@ -19,7 +21,7 @@ FCOS_R50 = ("fcos", "ResNeXt101", "ResNet50C128")
 
 
 def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lambda_di="", status="FINISHED",
-              teacher_head=None, machine=None, classes=None):
+              teacher_head=None, machine=None, classes=None, eval_version=str(EVAL_VERSION)):
     detector, teacher, student = pair
     if (method, strategies) == ("hint", "N2N"):
         method = "fi"  # what dist2 logs for Hint = FI (N2N)
@@ -36,6 +38,8 @@ def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lamb
         client.log_metric(run.info.run_id, f"AP/{name}", value)
     if machine is not None:
         client.set_tag(run.info.run_id, "dist2.machine", machine)
+    if eval_version is not None:  # None: a run from before dist2 recorded it
+        client.set_tag(run.info.run_id, "dist2.eval_version", eval_version)
     if teacher_head is not None:  # (probe, trained adapter)
         client.log_metric(run.info.run_id, "teacher_head_probe_mAP", teacher_head[0])
         if teacher_head[1] is not None:
@@ -66,13 +70,14 @@ def store(tmp_path_factory):
         elif (detector, method) == ("fcos", "hint"):  # two seeds far apart: its +1.1 is within their noise
             for seed, value in enumerate((mAP - 1.5, mAP + 1.5)):
                 _seed_run(client, exp, pair, method, strategies, value, seed=seed)
-        elif (detector, method) == ("fcos", "teacher"):
-            _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": 60.0, "traffic light": 30.0})
+        elif (detector, method) == ("fcos", "teacher"):  # a teacher cached before the evaluation last changed
+            _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": 60.0, "traffic light": 30.0},
+                      eval_version="1")
         elif (detector, method) in (("retinanet", "student"), ("retinanet", "dist2")):  # one category, one seed
             _seed_run(client, exp, pair, method, strategies, mAP, classes={"person": mAP})
         else:
             _seed_run(client, exp, pair, method, strategies, mAP)
-    _seed_run(client, exp, FCOS_R50, "teacher", "", 42.7)
+    _seed_run(client, exp, FCOS_R50, "teacher", "", 42.7, eval_version=None)
     _seed_run(client, exp, FCOS_R50, "student", "", paper.TABLE2_STUDENT)
     for strategy, (mAP, _) in paper.TABLE2.items():
         _seed_run(client, exp, FCOS_R50, "di", strategy, mAP)
@@ -81,8 +86,8 @@ def store(tmp_path_factory):
             _seed_run(client, exp, FCOS_R50, "di", ",".join(sorted(["N2N", "B2B", "B2N", "N2B"][:k])), mAP)
     _seed_run(client, exp, FCOS_R50, "di", "N2N", 30.0, lambda_di="2.0")  # a λ sweep point
     # Never counted: a run still going, a failed one, and a run of another experiment.
-    _seed_run(client, exp, FCOS_MNV2, "hint", "N2N", 99.0, seed=7, status="RUNNING")
-    _seed_run(client, exp, FCOS_MNV2, "di", "N2N", 99.0, seed=8, status="FAILED")
+    _seed_run(client, exp, FCOS_MNV2, "hint", "N2N", 99.0, seed=7, status="RUNNING", eval_version="1")
+    _seed_run(client, exp, FCOS_MNV2, "di", "N2N", 99.0, seed=8, status="FAILED", eval_version="1")
     client.set_experiment_tag(exp, "dist2.command", "dist2 ablate ablations/paper_table1.yaml --set seed=3")
     other = client.create_experiment("other")
     _seed_run(client, other, FCOS_MNV2, "student", "", 1.0, seed=9)
@@ -98,6 +103,23 @@ def test_the_report_says_which_command_and_machines_made_its_numbers(store):
     assert "Command: `dist2 ablate ablations/paper_table1.yaml --set seed=3`" in head
     # Only the three tagged runs name their machine; the failed and running ones are never counted.
     assert "Measured on: 8x NVIDIA H200 (3 run(s))" in head
+
+
+def test_the_report_names_the_runs_measured_by_another_evaluation_than_todays(store):
+    """A teacher cached before a change to the evaluation keeps the numbers of the evaluation it was measured by:
+    the report says which runs those are (finished runs only), and says nothing when every run is today's."""
+    from dist2.report import evaluation_note, load_runs
+
+    head = store["text"].split("\n## ", 1)[0]
+    finished = int(re.search(r"(\d+) finished run\(s\)", head).group(1))
+    assert (f"**Evaluation**: 2 of {finished} run(s) were measured by another evaluation than today's "
+            f"(v{EVAL_VERSION}), and their numbers may not compare with the others': fcos-MobileV2C128-teacher--0 "
+            f"(evaluation v1); fcos-ResNet50C128-teacher--0 (an evaluation from before versions were recorded). "
+            "`python ablations/reevaluate.py paper` measures every run again with today's.") in head
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    assert evaluation_note(load_runs(store["uri"], "other"), "other") == []
+    # Reading a store in-process leaves the process's default store alone (runs started afterwards keep theirs).
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
 
 
 def _section(text: str, title: str) -> list[list[str]]:

@@ -57,6 +57,16 @@ COCO_RECALLS = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # COCOeval.stats[6
 # reference it is tested against.
 EVAL_BACKENDS = ("faster_coco_eval", "pycocotools")
 DEFAULT_EVAL_BACKEND = EVAL_BACKENDS[0]
+# What the evaluation measures, as a number: bump it whenever a change makes the same weights score differently,
+# so that a report never sets numbers of two evaluations side by side unsaid (1: val batches padded to their
+# largest image, until 2026-11-29; 2: val batches of same-size images). Runs record it: tag EVAL_VERSION_TAG
+# (tracking.py) and "eval_version" in metrics.json; runs from before it was recorded have neither.
+EVAL_VERSION = 2
+
+
+def evaluation_name(version) -> str:
+    """How reports and logs name the evaluation a run was measured by (a recorded version, or None)."""
+    return f"evaluation v{version}" if version is not None else "an evaluation from before versions were recorded"
 CLASS_AP = "AP/"  # + a category's name: its AP (IoU .50:.95, all areas), at the final evaluation only
 TEACHER_MAP = "teacher_mAP"
 # The run's best evaluated epoch by train.best_metric, and that metric's value there (run folder: best/).

@@ -31,6 +31,7 @@ REUSED_TAG = "dist2.reused_from"  # run tag: the MLflow run a recorded (reused) 
 MACHINE_TAG = "dist2.machine"  # run tag: the hardware a run's numbers come from (rank 0's host, world size)
 COMMAND_TAG = "dist2.command"  # experiment tag: the command that runs the experiment's grid
 RUN_DIR_TAG = "dist2.run_dir"  # run tag: the run's folder (config.yaml, model.pth, resume.pth, metrics.json)
+EVAL_VERSION_TAG = "dist2.eval_version"  # run tag: the evaluation its numbers come from (methods.EVAL_VERSION)
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: Path) -> str:

@@ -41,7 +41,15 @@ from dist2.engine.launch import launch, log_detector
 from dist2.engine.local_ray import start_ray
 from dist2.engine.rundir import RunDir
 from dist2.errors import RunFailed, UserError, WaitedTooLong
-from dist2.methods import COCO_METRICS, METHODS, PROBE_METRIC, TEACHER_HEAD_METRICS, TEACHER_MAP
+from dist2.methods import (
+    COCO_METRICS,
+    EVAL_VERSION,
+    METHODS,
+    PROBE_METRIC,
+    TEACHER_HEAD_METRICS,
+    TEACHER_MAP,
+    evaluation_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +225,15 @@ def _stopped_early(spec: AblationConfig, command: str, results, runs: list[Run])
 def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, parent_run_id: str) -> None:
     """A teacher trained before (by any ablation) appears in this experiment as a finished `teacher` run."""
     record = RunDir(run.cfg).finished()
+    version = record.get("eval_version")  # absent in runs from before it was recorded
+    measured = {tracking.EVAL_VERSION_TAG: str(version)} if version is not None else {}
+    if version != EVAL_VERSION:
+        log.warning("%s: teacher %s was measured by %s, not today's v%d: the report marks it, and "
+                    "ablations/reevaluate.py measures every run again", experiment, run.label,
+                    evaluation_name(version), EVAL_VERSION)
     run_id = tracking.record_finished_run(uri, experiment, run.cfg, run.kind, record["history"], {**run.params},
-                                          {**_child_tags(experiment, parent_run_id), "dist2.config": str(source)},
-                                          record["mlflow_run_id"], run.label)
+                                          {**_child_tags(experiment, parent_run_id), "dist2.config": str(source),
+                                           **measured}, record["mlflow_run_id"], run.label)
     log_detector(run.cfg, uri, run_id)
 
 

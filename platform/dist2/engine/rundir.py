@@ -26,6 +26,7 @@ from dist2 import checkpoint
 from dist2.artifacts import BEST, CONFIG, METRICS, RESUME, WEIGHTS
 from dist2.config import ExperimentConfig, flatten
 from dist2.errors import UserError
+from dist2.methods import EVAL_VERSION
 
 FINAL_FILES = (CONFIG, WEIGHTS, RESUME, METRICS)
 SIZED_FILES = (CONFIG, WEIGHTS, RESUME)  # recorded in metrics.json, which is written after them
@@ -34,7 +35,8 @@ CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.", "eval.")
 
 
 def read_record(folder: Path) -> dict:
-    """A checkpoint's (or run folder's) metrics.json: {"history", "final", "mlflow_run_id", "sizes"}."""
+    """A checkpoint's (or run folder's) metrics.json: {"history", "final", "mlflow_run_id", "eval_version",
+    "sizes"} (the last two absent in runs from before they were recorded)."""
     return json.loads((Path(folder) / METRICS).read_text())
 
 
@@ -48,8 +50,9 @@ def write_checkpoint(folder: Path, weights: dict, state: dict, cfg: dict, run_id
     history = state["history"]
     sizes = {name: (folder / name).stat().st_size for name in SIZED_FILES}
     tmp = folder / (METRICS + ".tmp")
-    tmp.write_text(json.dumps({"history": history, "final": history[-1], "mlflow_run_id": run_id, "sizes": sizes},
-                              indent=1))
+    record = {"history": history, "final": history[-1], "mlflow_run_id": run_id, "eval_version": EVAL_VERSION,
+              "sizes": sizes}
+    tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, folder / METRICS)
 
 

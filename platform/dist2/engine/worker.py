@@ -32,6 +32,7 @@ from dist2.engine.loop import NonFiniteLoss, epochs
 from dist2.engine.rundir import RunDir, epoch_name, write_checkpoint
 from dist2.engine.train import build_train_task
 from dist2.errors import UserError
+from dist2.methods import EVAL_VERSION
 
 TASKS = {"train": build_train_task, "distill": build_distill_task}
 # Test-only fault injection: "K", "K1,K2" or "K:RANK" makes that worker (rank 0 by default) exit the moment epoch
@@ -97,7 +98,8 @@ def _tag_placement(logger: tracking.EpochLogger | None, device: torch.device) ->
     placements = distributed.gather([_placement()])  # every worker takes part; rank 0 logs
     if logger is None:
         return
-    logger.set_tags({tracking.MACHINE_TAG: _machine(device, len(placements))})
+    logger.set_tags({tracking.MACHINE_TAG: _machine(device, len(placements)),
+                     tracking.EVAL_VERSION_TAG: str(EVAL_VERSION)})
     if placements[0]:
         nodes = list(dict.fromkeys(p["node"] for p in placements))
         logger.set_tags({"dist2.world_size": str(len(placements)), "dist2.nodes": str(len(nodes)),

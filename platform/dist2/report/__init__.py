@@ -15,10 +15,12 @@ import pandas as pd
 from dist2 import tracking
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
-from dist2.methods import CLASS_AP, COCO_METRICS, TEACHER_HEAD_METRICS
+from dist2.methods import CLASS_AP, COCO_METRICS, EVAL_VERSION, TEACHER_HEAD_METRICS, evaluation_name
 from dist2.report import gallery, paper, plots, tables
 
 METRICS = (*COCO_METRICS, *TEACHER_HEAD_METRICS)
+# What load_runs gives beside the params and metrics: where, by which evaluation and as which MLflow run.
+RUN_COLUMNS = ("machine", "eval_version", "run_id", "run_name", "run_dir")
 TITLES = {
     "table1": "Table 1 — methods (imitation strategy in brackets)",
     "table2": "Table 2 — one imitation strategy at a time, with DI",
@@ -36,8 +38,6 @@ BUILDERS = {"table1": tables.table1, "table2": tables.table2, "table3": tables.t
 def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     """The experiment's FINISHED runs that carry the schema params: one row per run, params and final metrics
     as columns named as in MLflow (without the params./metrics. prefixes)."""
-    import mlflow
-
     client = tracking.quick_client(uri)
     try:
         found = client.get_experiment_by_name(experiment)
@@ -47,17 +47,23 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
         names = sorted(e.name for e in client.search_experiments())
         raise UserError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: "
                         f"{', '.join(names) or 'none'}")
-    mlflow.set_tracking_uri(uri)
-    frame = mlflow.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                               output_format="pandas")
-    runs = pd.DataFrame({
-        **{p: frame.get(f"params.{p}", pd.Series(index=frame.index, dtype=object)) for p in SCHEMA},
-        **{m: frame.get(f"metrics.{m}", pd.Series(index=frame.index, dtype=float)) for m in METRICS},
-        **{c.removeprefix("metrics."): frame[c] for c in frame.columns if c.startswith(f"metrics.{CLASS_AP}")},
-        "machine": frame.get(f"tags.{tracking.MACHINE_TAG}", pd.Series(index=frame.index, dtype=object)),
-        "run_id": frame.get("run_id", pd.Series(index=frame.index, dtype=object)),
-        "run_dir": frame.get(f"tags.{tracking.RUN_DIR_TAG}", pd.Series(index=frame.index, dtype=object)),
-    })
+    # The client, not mlflow.search_runs: that needs mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI
+    # in this process's environment, where every run started from it afterwards would find it.
+    finished, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", page_token=token)
+        finished += page
+        token = page.token
+        if not token:
+            break
+    rows = [{**{p: run.data.params.get(p) for p in SCHEMA},
+             **{m: run.data.metrics.get(m, float("nan")) for m in METRICS},
+             **{k: v for k, v in run.data.metrics.items() if k.startswith(CLASS_AP)},
+             "machine": run.data.tags.get(tracking.MACHINE_TAG),
+             "eval_version": run.data.tags.get(tracking.EVAL_VERSION_TAG), "run_id": run.info.run_id,
+             "run_name": run.info.run_name, "run_dir": run.data.tags.get(tracking.RUN_DIR_TAG)} for run in finished]
+    columns = [*SCHEMA, *METRICS, *RUN_COLUMNS]
+    runs = pd.DataFrame(rows).reindex(columns=[*columns, *sorted({k for r in rows for k in r} - set(columns))])
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
 
@@ -71,12 +77,25 @@ def provenance(runs: pd.DataFrame, command: str | None) -> list[str]:
     return [line + "  " for line in lines[:-1]] + lines[-1:]  # markdown line breaks
 
 
+def evaluation_note(runs: pd.DataFrame, experiment: str) -> list[str]:
+    """A warning under the provenance when some runs were measured by another evaluation than today's (e.g. a
+    teacher cached before a change to the evaluation): their numbers do not compare with the others'."""
+    versions = [int(v) if isinstance(v, str) and v.isdigit() else None for v in runs["eval_version"]]
+    stale = [f"{name} ({evaluation_name(version)})" for name, version in zip(runs["run_name"], versions, strict=True)
+             if version != EVAL_VERSION]
+    if not stale:
+        return []
+    return [f"**Evaluation**: {len(stale)} of {len(runs)} run(s) were measured by another evaluation than today's "
+            f"(v{EVAL_VERSION}), and their numbers may not compare with the others': {'; '.join(stale)}. "
+            f"`python ablations/reevaluate.py {experiment}` measures every run again with today's.", ""]
+
+
 def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, command: str | None = None,
            uri: str | None = None) -> str:
     """results.md's text; the plots (and the gallery's pictures, drawn from the runs in the store at `uri`) are
     written to `out` and linked."""
     c = tables.cells(runs)
-    lines = [f"# {experiment}: results", "", *provenance(runs, command), "",
+    lines = [f"# {experiment}: results", "", *provenance(runs, command), "", *evaluation_note(runs, experiment),
              f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± sample std "
              "over seeds where a cell has several, n = its seeds; Δ = mAP − the pair's student baseline. "
              "Tables 1–3 use the runs at λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); "
