@@ -219,6 +219,20 @@ def tracking_server(postgres, tmp_path_factory) -> dict:
         stop(server)
 
 
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def ray_start(env: dict, *args: str) -> None:
+    """`ray start ARGS` with a small object store, its own dashboard-agent port and no usage stats; a failure says
+    why (Ray's output)."""
+    # Ray's fixed default for the job agent (52365) would collide with any other Ray on the machine: the agent would
+    # not start, and job submission would never find one.
+    done = subprocess.run([RAY, "start", *args, f"--dashboard-agent-listen-port={free_port()}",
+                           f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"ray start {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+
 NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # the cluster's worker nodes; GPUs declared, not real
 
 
@@ -233,24 +247,11 @@ def cluster():
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dashboard = free_port(), free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    common = [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
-
-    def own_ports() -> list[str]:
-        # Ray's fixed defaults (the job agent's 52365, the client server's 10001) would collide with any other
-        # Ray on the machine: the job agent would not start, and job submission would never find one.
-        return [f"--dashboard-agent-listen-port={free_port()}"]
-
-    def ray_start(*args: str) -> None:
-        done = subprocess.run([ray, "start", *args, *own_ports(), *common], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, f"ray start {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-
     started: list[float] = []  # when each node joined (time.time())
 
     def add_node() -> float:
         node = NODES[len(started)]
-        ray_start(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={node['cpus']}",
+        ray_start(env, f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--num-cpus={node['cpus']}",
                   f"--num-gpus={node['gpus']}")
         started.append(time.time())
         return started[-1]
@@ -260,12 +261,12 @@ def cluster():
             add_node()
 
     with short_temp_dir("dist2-ray-") as temp:
-        ray_start("--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                  f"--ray-client-server-port={free_port()}")
-        try:
+        try:  # a head that failed part-way is stopped too
+            ray_start(env, "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                      f"--ray-client-server-port={free_port()}")  # not the default 10001, for the same reason
             yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-                   "ray": ray, "add_node": add_node, "grow": grow, "nodes": started}
+                   "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started}
         finally:
             stop_local_cluster(port)  # this cluster only: never another Ray on the machine
 
@@ -291,4 +292,3 @@ def teacher(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert read_json(tmp / "runs/teacher/metrics.json")["final"]["mAP"] > 5
     return path, tmp / "runs/teacher", root
-

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from dist2.bench_cluster import stop_local_cluster
 
-from conftest import free_port, short_temp_dir, write_ablation
+from conftest import free_port, ray_start, short_temp_dir, write_ablation
 
 NODE_TYPE = {"resources": {"CPU": 2, "object_store_memory": 128 * 2**20}, "node_config": {}, "min_workers": 0,
              "max_workers": 2}
@@ -41,16 +41,13 @@ def _autoscaling_config(path: Path, gcs_address: str) -> Path:
 @pytest.fixture(scope="module")
 def autoscaling_cluster():
     env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
-    ray = str(Path(sys.executable).parent / "ray")
     port = free_port()
     with short_temp_dir("dist2-autoscale-") as temp:
         config = _autoscaling_config(temp / "autoscaler.json", f"127.0.0.1:{port}")
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                        f"--dashboard-port={free_port()}", f"--autoscaling-config={config}", f"--temp-dir={temp}",
-                        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                        f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, timeout=120)
-        try:
+        try:  # a head that failed part-way is stopped too
+            ray_start(env, "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                      f"--dashboard-port={free_port()}", f"--autoscaling-config={config}", f"--temp-dir={temp}",
+                      f"--ray-client-server-port={free_port()}")
             yield {"address": f"127.0.0.1:{port}", "env": env}
         finally:
             stop_local_cluster(port)  # this cluster only (the fake nodes are its monitor's children)

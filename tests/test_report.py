@@ -112,7 +112,7 @@ def test_the_report_names_the_runs_measured_by_another_evaluation_than_todays(st
 
     head = store["text"].split("\n## ", 1)[0]
     finished = int(re.search(r"(\d+) finished run\(s\)", head).group(1))
-    assert (f"**Evaluation**: 2 of {finished} run(s) were measured by another evaluation than today's "
+    assert (f"**Evaluation**: 2 of {finished} run(s) were measured by a different evaluation from today's "
             f"(v{EVAL_VERSION}), and their numbers may not compare with the others': fcos-MobileV2C128-teacher--0 "
             f"(evaluation v1); fcos-ResNet50C128-teacher--0 (an evaluation from before versions were recorded). "
             "`python ablations/reevaluate.py paper` measures every run again with today's.") in head
@@ -120,6 +120,21 @@ def test_the_report_names_the_runs_measured_by_another_evaluation_than_todays(st
     assert evaluation_note(load_runs(store["uri"], "other"), "other") == []
     # Reading a store in-process leaves the process's default store alone (runs started afterwards keep theirs).
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    # A whole grid measured before: the first ten named, then a count.
+    old = load_runs(store["uri"], "paper").assign(eval_version="1")
+    note = evaluation_note(old, "paper")[0]
+    assert f"{finished} of {finished} run(s)" in note and note.count("(evaluation v1)") == 10
+    assert f"; and {finished - 10} more." in note
+
+
+def test_an_experiment_with_no_finished_run_gives_a_report_that_says_so(store, tmp_path):
+    """Only a failed run in it: the report is written, says 0 finished runs and leaves every table empty."""
+    exp = store["client"].create_experiment("nothing_finished")
+    _seed_run(store["client"], exp, FCOS_MNV2, "student", "", 5.0, status="FAILED")
+    result = run_cli("report", "--experiment", "nothing_finished", "--tracking-uri", store["uri"], "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = (tmp_path / "results.md").read_text()
+    assert "0 finished run(s)" in text and "(no runs for this table)" in text and "**Evaluation**" not in text
 
 
 def _section(text: str, title: str) -> list[list[str]]:

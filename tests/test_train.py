@@ -135,6 +135,8 @@ def test_a_checkpoint_cut_short_while_being_copied_is_not_the_one_a_run_continue
     del record["sizes"]
     (newest / "metrics.json").write_text(json.dumps(record))
     assert run.latest() == newest
+    (newest / "resume.pth").unlink()  # ... and not without them
+    assert run.latest() == older
 
 
 def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root):

@@ -63,10 +63,6 @@ DEFAULT_EVAL_BACKEND = EVAL_BACKENDS[0]
 # (tracking.py) and "eval_version" in metrics.json; runs from before it was recorded have neither.
 EVAL_VERSION = 2
 
-
-def evaluation_name(version) -> str:
-    """How reports and logs name the evaluation a run was measured by (a recorded version, or None)."""
-    return f"evaluation v{version}" if version is not None else "an evaluation from before versions were recorded"
 CLASS_AP = "AP/"  # + a category's name: its AP (IoU .50:.95, all areas), at the final evaluation only
 TEACHER_MAP = "teacher_mAP"
 # The run's best evaluated epoch by train.best_metric, and that metric's value there (run folder: best/).
@@ -108,3 +104,8 @@ def resolve_strategies(strategies) -> list[str]:
     """Strategies in canonical order, All2All expanded to all four."""
     chosen = set(STRATEGIES) if ALL2ALL in strategies else set(strategies)
     return [s for s in STRATEGIES if s in chosen]
+
+
+def evaluation_name(version: int | None) -> str:
+    """How reports and logs name the evaluation a run was measured by (a recorded version, or None)."""
+    return f"evaluation v{version}" if version is not None else "an evaluation from before versions were recorded"

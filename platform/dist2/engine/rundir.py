@@ -29,7 +29,7 @@ from dist2.errors import UserError
 from dist2.methods import EVAL_VERSION
 
 FINAL_FILES = (CONFIG, WEIGHTS, RESUME, METRICS)
-SIZED_FILES = (CONFIG, WEIGHTS, RESUME)  # recorded in metrics.json, which is written after them
+SIZED_FILES = tuple(name for name in FINAL_FILES if name != METRICS)  # recorded in metrics.json, written after them
 # The only settings a run may change when it continues: its length and its resources.
 CONTINUABLE = ("train.epochs", "train.lr_steps", "ray.", "eval.")
 
@@ -72,8 +72,14 @@ def is_complete(folder: Path) -> bool:
         sizes = read_record(folder).get("sizes", {})  # absent in checkpoints written before sizes were recorded
     except (OSError, ValueError):  # metrics.json missing or still being copied
         return False
-    files = [folder / name for name in SIZED_FILES]
-    return all(f.is_file() and f.stat().st_size == sizes.get(f.name, f.stat().st_size) for f in files)
+    for name in SIZED_FILES:
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:  # not copied yet, or the folder pruned meanwhile
+            return False
+        if size != sizes.get(name, size):
+            return False
+    return True
 
 
 def _epoch(folder: Path | None) -> int:

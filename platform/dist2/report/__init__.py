@@ -1,9 +1,9 @@
 """`dist2 report`: an MLflow experiment's finished runs -> results.md in the paper's layout, plus plots.
 
-The runs are read with `mlflow.search_runs` into pandas; the tables are built in `tables.py` beside the paper's
-numbers (`paper.py`); the report is also logged as the artifacts of the experiment's ablation run (the parent of
-its runs in the MLflow UI, tag dist2.kind = ablation; created for an experiment that has none), replaced by each new
-report.
+The runs are read with the MLflow client's `search_runs` into pandas; the tables are built in `tables.py` beside
+the paper's numbers (`paper.py`); the report is also logged as the artifacts of the experiment's ablation run (the
+parent of its runs in the MLflow UI, tag dist2.kind = ablation; created for an experiment that has none), replaced
+by each new report.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
              "run_name": run.info.run_name, "run_dir": run.data.tags.get(tracking.RUN_DIR_TAG)} for run in finished]
     columns = [*SCHEMA, *METRICS, *RUN_COLUMNS]
     runs = pd.DataFrame(rows).reindex(columns=[*columns, *sorted({k for r in rows for k in r} - set(columns))])
+    runs = runs.astype({c: object for c in (*SCHEMA, *RUN_COLUMNS)})  # text, even with no run to say so
     runs = runs[runs["method"].notna()].fillna({p: "" for p in SCHEMA})
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
 
@@ -77,16 +78,20 @@ def provenance(runs: pd.DataFrame, command: str | None) -> list[str]:
     return [line + "  " for line in lines[:-1]] + lines[-1:]  # markdown line breaks
 
 
+NAMED = 10  # the stale runs evaluation_note names (of a whole old grid: the first few, then a count)
+
+
 def evaluation_note(runs: pd.DataFrame, experiment: str) -> list[str]:
-    """A warning under the provenance when some runs were measured by another evaluation than today's (e.g. a
+    """A warning under the provenance when some runs were measured by a different evaluation from today's (e.g. a
     teacher cached before a change to the evaluation): their numbers do not compare with the others'."""
     versions = [int(v) if isinstance(v, str) and v.isdigit() else None for v in runs["eval_version"]]
     stale = [f"{name} ({evaluation_name(version)})" for name, version in zip(runs["run_name"], versions, strict=True)
              if version != EVAL_VERSION]
     if not stale:
         return []
-    return [f"**Evaluation**: {len(stale)} of {len(runs)} run(s) were measured by another evaluation than today's "
-            f"(v{EVAL_VERSION}), and their numbers may not compare with the others': {'; '.join(stale)}. "
+    named = "; ".join(stale[:NAMED]) + (f"; and {len(stale) - NAMED} more" if len(stale) > NAMED else "")
+    return [f"**Evaluation**: {len(stale)} of {len(runs)} run(s) were measured by a different evaluation from "
+            f"today's (v{EVAL_VERSION}), and their numbers may not compare with the others': {named}. "
             f"`python ablations/reevaluate.py {experiment}` measures every run again with today's.", ""]
 
 
