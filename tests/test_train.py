@@ -3,6 +3,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -461,3 +462,32 @@ def test_a_run_shorter_than_one_sampling_interval_still_logs_its_nodes_metrics(t
     history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert len(history) == 1 and 0 <= history[0].value <= 100
     assert client.get_run(run_id).data.tags["dist2.system_metrics_host"] == socket.gethostname()
+
+
+def test_a_model_upload_that_fails_leaves_a_failed_model_and_a_second_try_logs_one(tmp_path):
+    """A run's MLflow model whose upload breaks (here: the module cannot be pickled) is FAILED and the error reaches
+    the caller (who warns). Closing the run again logs a model: a failed one is not "the model it has already"
+    (it was, and the run never got one). Closing it a third time adds none."""
+    from mlflow.entities import LoggedModelStatus
+
+    from dist2.tracking import MODEL_ARTIFACT, log_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("upload")
+    run_id = client.create_run(experiment).info.run_id
+    broken = torch.nn.Linear(2, 2)
+    broken.lock = threading.Lock()  # saving the module fails part-way through log_model
+    with pytest.raises(Exception, match="pickle"):
+        log_model(uri, run_id, lambda: (broken, {}))
+    (failed,) = client.search_logged_models([experiment])
+    assert failed.status == LoggedModelStatus.FAILED and failed.name == MODEL_ARTIFACT
+
+    working = torch.jit.script(torch.nn.Linear(2, 2))
+    log_model(uri, run_id, lambda: (working, {}))
+    log_model(uri, run_id, lambda: (working, {}))  # closed once more: the run keeps the model it has
+    statuses = {m.model_id: m.status for m in client.search_logged_models([experiment])}
+    assert len(statuses) == 2 and statuses.pop(failed.model_id) == LoggedModelStatus.FAILED
+    assert list(statuses.values()) == [LoggedModelStatus.READY]
+    outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
+    assert outputs == {failed.model_id, *statuses}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dist2.artifacts import CATEGORIES_FILE, CONFIG, METRICS
@@ -301,7 +301,7 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
     categories.json beside it maps labels to category ids and names. No signature or input example: MLflow's
     schemas cannot describe a detector's output (one dict of variable-length tensors per image), so the model is
     not served as a pyfunc. `scripted()` gives (the module, its labels); a run that has its model already (closed
-    again after a crash) keeps that one."""
+    again after a crash) keeps that one, and one whose upload failed (MLflow marks that model FAILED) gets a new one."""
     import tempfile
 
     import mlflow
@@ -311,7 +311,8 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
 
     client = quick_client(uri)
     run = client.get_run(run_id)
-    if run.outputs is not None and run.outputs.model_outputs:
+    outputs = run.outputs.model_outputs if run.outputs is not None else []
+    if any(client.get_logged_model(o.model_id).status == LoggedModelStatus.READY for o in outputs):
         return
     model, labels = scripted()
     # Created here, in the run's experiment: left to itself, log_model files it under the fluent API's experiment.
