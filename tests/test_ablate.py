@@ -389,14 +389,15 @@ def test_ablation_file_mistakes_exit_2_before_anything_runs(pair, tmp_path, caps
 
 
 def test_mlflow_run_names_lead_with_what_differs_and_never_meet(monkeypatch):
-    from dist2.ablation.spec import grid_runs, load_ablation, teacher_runs
+    from dist2.ablation.spec import grid_runs, load_ablation, teacher_runs, teachers_in_use
 
     monkeypatch.chdir(REPO)  # the ablation files name experiment files relative to the repository root
 
-    def names(path: str) -> list[str]:
-        spec = load_ablation(Path(path))
+    def names(path: str, *overrides: str) -> list[str]:
+        spec = load_ablation(Path(path), overrides)
         teachers = teacher_runs(spec, Path(path))
-        return [r.label for r in teachers + grid_runs(spec, Path(path), teachers)]
+        runs = grid_runs(spec, Path(path), teachers)
+        return [r.label for r in teachers_in_use(teachers, runs) + runs]
 
     assert sorted(names("ablations/quickstart.yaml")) == sorted([
         "teacher ResNet10-C64", "student s0", "student s1", "dist2 All2All s0", "dist2 All2All s1", "fi N2N s0",
@@ -405,5 +406,8 @@ def test_mlflow_run_names_lead_with_what_differs_and_never_meet(monkeypatch):
     assert {"fcos teacher ResNet10-C64", "retina teacher ResNet10-C64", "fcos dist2 All2All s2",
             "retina nonlocal N2N s0", "retina student s1"} <= set(table1)
     assert len({name[:25] for name in table1}) == len(table1) == 38  # distinct in a 25-character column
+    # A pair that `skip` empties trains no teacher, and one pair left needs no pair tags.
+    fcos_only = names("ablations/quick_table1.yaml", "skip=[{detector: retinanet}]")
+    assert [n for n in fcos_only if "teacher" in n] == ["teacher ResNet10-C64"] and len(fcos_only) == 1 + 18
     full = names("ablations/quick_full.yaml")  # λ sweeps: a λ appears where the grid's λ values differ
     assert len(set(full)) == len(full) and "fcos dist2 All2All λ2 s0" in full and "fcos di N2N+B2B λ1 s0" in full

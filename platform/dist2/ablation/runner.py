@@ -35,7 +35,15 @@ from ray import tune
 from dist2 import tracking
 from dist2.ablation import scheduling
 from dist2.ablation.scheduling import TRIAL_END, TRIAL_WALL, Footprint, LiveCapacity
-from dist2.ablation.spec import SCHEMA, AblationConfig, Run, grid_runs, load_ablation, teacher_runs
+from dist2.ablation.spec import (
+    SCHEMA,
+    AblationConfig,
+    Run,
+    grid_runs,
+    load_ablation,
+    teacher_runs,
+    teachers_in_use,
+)
 from dist2.config import ExperimentConfig
 from dist2.engine.launch import launch, log_detector
 from dist2.engine.local_ray import start_ray
@@ -246,6 +254,7 @@ def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, 
     source = Path(path).absolute()
     teachers = teacher_runs(spec, source)
     runs = grid_runs(spec, source, teachers)
+    teachers = teachers_in_use(teachers, runs)
     tune_dir = spec.output_dir / spec.name / "tune"
     if (tune_dir / "grid").exists() and not resume:
         raise UserError(f"{path}: ablation {spec.name} has already run in {tune_dir.parent}; pass --resume to "

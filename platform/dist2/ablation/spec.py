@@ -177,6 +177,12 @@ def teacher_runs(spec: AblationConfig, source: Path) -> list[Run]:
     return mlflow_names(list(runs.values()))
 
 
+def teachers_in_use(teachers: list[Run], runs: list[Run]) -> list[Run]:
+    """The teachers some grid run distils from: a pair whose every cell `skip` drops trains no teacher."""
+    used = {Path(run.cfg.teacher.checkpoint).parent for run in runs}
+    return mlflow_names([t for t in teachers if t.cfg.run_dir in used])
+
+
 def _label(pair: Pair, role: str) -> str:
     return getattr(pair, f"{role}_label") or read_experiment(getattr(pair, role)).get("name", str(getattr(pair, role)))
 
