@@ -67,8 +67,12 @@ def test_a_grid_waits_for_a_node_and_uses_nodes_that_join_later(cluster, pair, o
     driver = subprocess.Popen([sys.executable, "-m", "dist2", "ablate", str(ablation), "--address",
                                cluster["address"]], env=cluster["env"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        time.sleep(12)
-        assert driver.poll() is None, log.read_text()[-3000:]  # waiting, not refused
+        deadline = time.monotonic() + 120  # the ablation's own run opens once the driver has checked the cluster
+        while not _poll_runs(uri, "growgrid"):
+            assert time.monotonic() < deadline and driver.poll() is None, log.read_text()[-3000:]  # not refused
+            time.sleep(1)
+        time.sleep(8)  # time to start a teacher, were there a CPU for one
+        assert driver.poll() is None, log.read_text()[-3000:]  # waiting
         assert [r.data.tags["dist2.kind"] for r in _poll_runs(uri, "growgrid")] == ["ablation"]  # nothing started
         cluster["add_node"]()
         deadline = time.monotonic() + 600
