@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from dist2 import tracking
 from dist2.config import load_config
 from dist2.distill.teacher_head import evaluate_with_teacher_head
 from dist2.evaluation.files import evaluate_checkpoint
 from dist2.methods import EVAL_VERSION, TEACHER
-from dist2.report import load_runs, render
+from dist2.report import load_experiments, render
 
 
 def reevaluate(row) -> dict[str, float]:
@@ -52,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", nargs="+", default=["table1", "teacher_head", "per_class"])
     args = parser.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri, Path("runs"))
-    runs = pd.concat([load_runs(uri, name) for name in args.experiments], ignore_index=True)
-    runs = runs[runs["run_dir"].isna() | ~runs.duplicated("run_dir")].reset_index(drop=True)
+    runs = load_experiments(uri, args.experiments)
     out = args.out or _grid_folder(runs) / "report_reevaluated"
     out.mkdir(parents=True, exist_ok=True)
     record = {}
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = "`; `".join(str(tracking.experiment_tag(uri, name, tracking.COMMAND_TAG)) for name in args.experiments)
     given = " ".join(sys.argv[1:] if argv is None else argv)
     command = f"{commands}`, re-evaluated by `python ablations/reevaluate.py {given}"
-    (out / "results.md").write_text(render(runs, args.tables, out, " + ".join(args.experiments), command) + "\n")
+    (out / "results.md").write_text(render(runs, args.tables, out, args.experiments, command) + "\n")
     print(out / "results.md")
     return 0
 

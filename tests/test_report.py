@@ -21,7 +21,7 @@ FCOS_R50 = ("fcos", "ResNeXt101", "ResNet50C128")
 
 
 def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lambda_di="", status="FINISHED",
-              teacher_head=None, machine=None, classes=None, eval_version=str(EVAL_VERSION)):
+              teacher_head=None, machine=None, classes=None, eval_version=str(EVAL_VERSION), run_dir=None):
     detector, teacher, student = pair
     if (method, strategies) == ("hint", "N2N"):
         method = "fi"  # what dist2 logs for Hint = FI (N2N)
@@ -38,6 +38,8 @@ def _seed_run(client, experiment_id, pair, method, strategies, mAP, seed=0, lamb
         client.log_metric(run.info.run_id, f"AP/{name}", value)
     if machine is not None:
         client.set_tag(run.info.run_id, "dist2.machine", machine)
+    if run_dir is not None:
+        client.set_tag(run.info.run_id, "dist2.run_dir", run_dir)
     if eval_version is not None:  # None: a run from before dist2 recorded it
         client.set_tag(run.info.run_id, "dist2.eval_version", eval_version)
     if teacher_head is not None:  # (probe, trained adapter)
@@ -205,6 +207,33 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store):
     assert len(summary) == 1 and summary[0].info.status == "FINISHED" and summary[0].info.run_name == "paper"
     logged = {a.path for a in client.list_artifacts(summary[0].info.run_id, "report")}
     assert {"report/results.md", "report/table2.png", "report/lambda_di.png"} <= logged
+
+
+def test_one_report_over_a_grid_and_a_later_grid_that_added_seeds(store, tmp_path):
+    """`--experiment` twice: the rows of both, each run once (the cached teacher is recorded by both grids), both
+    commands in the header, and the report logged to each experiment's ablation run."""
+    client = store["client"]
+    first, later = client.create_experiment("grid_first"), client.create_experiment("grid_later")
+    for exp, command in ((first, "dist2 ablate a.yaml"), (later, "dist2 ablate a.yaml --set name=grid_later")):
+        client.set_experiment_tag(exp, "dist2.command", command)
+        _seed_run(client, exp, FCOS_MNV2, "teacher", "", 50.0, run_dir="/runs/teachers/t-1234")
+    for seed, mAP in enumerate((10.0, 12.0)):
+        _seed_run(client, first, FCOS_MNV2, "student", "", mAP, seed=seed, run_dir=f"/runs/g/student-s{seed}")
+    _seed_run(client, first, FCOS_MNV2, "dist2", ALL, 20.0, seed=0, run_dir="/runs/g/dist2-s0")
+    _seed_run(client, later, FCOS_MNV2, "dist2", ALL, 23.0, seed=1, run_dir="/runs/g2/dist2-s1")
+    result = run_cli("report", "--experiment", "grid_first", "--experiment", "grid_later",
+                     "--tracking-uri", store["uri"], "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# grid_first + grid_later: results")
+    assert "Command: `dist2 ablate a.yaml`; `dist2 ablate a.yaml --set name=grid_later`" in text
+    assert "5 finished run(s)" in text  # 2 + 4 runs, the shared teacher once
+    rows = {r[2]: r[4:7] for r in _section(text, "Table 1")}
+    assert rows["+ Dist2"] == ["21.5 ± 2.1", "+10.5 ✓", "2"]  # a seed from each grid; pooled std 1.80
+    assert rows["MobileV2C128 (student)"] == ["11.0 ± 1.4", "", "2"]
+    for exp in (first, later):
+        (summary,) = client.search_runs([exp], "tags.`dist2.kind` = 'ablation'")
+        assert "report/results.md" in {a.path for a in client.list_artifacts(summary.info.run_id, "report")}
 
 
 @pytest.mark.parametrize("row, expected", [

@@ -166,22 +166,22 @@ def cmd_report(args) -> int:
     from dist2.report import write_report
     from dist2.tracking import resolve_tracking_uri
 
-    if (args.ablation is None) == (args.experiment is None):
+    if (args.ablation is None) == (not args.experiment):
         raise UserError("dist2 report needs an ABLATION file or --experiment NAME (not both)")
     if args.ablation is not None:
         spec = load_ablation(args.ablation, args.overrides)
-        experiment, output_dir, tables = spec.name, spec.output_dir, spec.tables
+        experiments, output_dir, tables = [spec.name], spec.output_dir, spec.tables
         out = args.out or output_dir / spec.name / "report"
     else:
         if args.overrides:
             raise UserError("dist2 report: --set overrides an ABLATION file's keys; none was given")
         if args.out is None:
             raise UserError("dist2 report --experiment NAME needs --out DIR")
-        experiment, output_dir, tables, out = args.experiment, Path("runs").absolute(), list(TABLES), args.out
+        experiments, output_dir, tables, out = args.experiment, Path("runs").absolute(), list(TABLES), args.out
     store = output_dir / "mlflow.db"
     if args.tracking_uri is None and not store.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
         raise UserError(f"no MLflow store at {store} (the default); pass --tracking-uri")
-    path = write_report(resolve_tracking_uri(args.tracking_uri, output_dir), experiment, out, tables)
+    path = write_report(resolve_tracking_uri(args.tracking_uri, output_dir), experiments, out, tables)
     print(f"report: {path}")
     return 0
 
@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ablation YAML: report its experiment, from its store, with its tables:")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the ablation file's keys, as given to dist2 ablate (e.g. output_dir)")
-    p.add_argument("--experiment", help="instead of ABLATION: any MLflow experiment, every table")
+    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                   help="instead of ABLATION: any MLflow experiment, every table; given again, one report over "
+                   "several (a grid and a later grid that added rows to it; their shared teacher counts once)")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db "
                    "(the ablation's output_dir, else ./runs)")
     p.add_argument("--out", type=Path, help="folder for results.md and the plots (default with ABLATION: "

@@ -344,7 +344,7 @@ def _run_phases(command, spec, source, teachers, missing, runs, where, footprint
              spec.name, len(results), wall, packing, footprint.sized_by)
 
     out = spec.output_dir / spec.name / "report"
-    report = write_report(uri, spec.name, out, spec.tables, extra_metrics={"grid_wall_s": wall,
+    report = write_report(uri, [spec.name], out, spec.tables, extra_metrics={"grid_wall_s": wall,
                                                                           "grid_packing_efficiency": packing},
                           ablation_run=where["parent_run_id"])
     print(f"\nreport: {report}")

@@ -69,6 +69,13 @@ def load_runs(uri: str, experiment: str) -> pd.DataFrame:
     return runs.iloc[::-1].reset_index(drop=True)  # search_runs lists the newest first: keep the grid's order
 
 
+def load_experiments(uri: str, experiments: list[str]) -> pd.DataFrame:
+    """Several experiments' runs as one frame, e.g. a grid and a later grid that added methods or seeds to it; a
+    run found in more than one (the shared, cached teacher) counts once."""
+    runs = pd.concat([load_runs(uri, name) for name in experiments], ignore_index=True)
+    return runs[runs["run_dir"].isna() | ~runs.duplicated("run_dir")].reset_index(drop=True)
+
+
 def provenance(runs: pd.DataFrame, command: str | None) -> list[str]:
     """The lines that say how the numbers were made: the command, and each machine with its run count."""
     lines = [f"Command: `{command}`" if command else "Command: not recorded (runs logged outside `dist2 ablate`)."]
@@ -95,12 +102,13 @@ def evaluation_note(runs: pd.DataFrame, experiment: str) -> list[str]:
             f"`python ablations/reevaluate.py {experiment}` measures every run again with today's.", ""]
 
 
-def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, command: str | None = None,
+def render(runs: pd.DataFrame, which: list[str], out: Path, experiments: list[str], command: str | None = None,
            uri: str | None = None) -> str:
     """results.md's text; the plots (and the gallery's pictures, drawn from the runs in the store at `uri`) are
     written to `out` and linked."""
     c = tables.cells(runs)
-    lines = [f"# {experiment}: results", "", *provenance(runs, command), "", *evaluation_note(runs, experiment),
+    lines = [f"# {' + '.join(experiments)}: results", "", *provenance(runs, command), "",
+             *evaluation_note(runs, " ".join(experiments)),
              f"{len(runs)} finished run(s). Box mAP in percent on the run's validation set; mean ± sample std "
              "over seeds where a cell has several, n = its seeds; Δ = mAP − the pair's student baseline. "
              "Tables 1–3 use the runs at λ_DI = λ_feat = 1. Paper columns: the poster's COCO numbers (PAPER.md); "
@@ -125,18 +133,21 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiment: str, com
     return "\n".join(lines)
 
 
-def write_report(uri: str, experiment: str, out: Path, which: list[str] = TABLES,
+def write_report(uri: str, experiments: list[str], out: Path, which: list[str] = TABLES,
                  extra_metrics: dict[str, float] | None = None, ablation_run: str | None = None) -> Path:
-    """results.md and its pictures in `out`, logged to the experiment's ablation run (`ablation_run`: the one
-    `dist2 ablate` holds open)."""
-    runs = load_runs(uri, experiment)
+    """results.md and its pictures in `out`, from one experiment's runs or several experiments' (see
+    load_experiments), logged to each experiment's ablation run (`ablation_run`: the one `dist2 ablate` holds
+    open, for a report of its own experiment)."""
+    runs = load_experiments(uri, experiments)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"
-    command = tracking.experiment_tag(uri, experiment, tracking.COMMAND_TAG)
-    path.write_text(render(runs, list(which), out, experiment, command, uri) + "\n")
+    commands = [tracking.experiment_tag(uri, name, tracking.COMMAND_TAG) for name in experiments]
+    command = "`; `".join(c for c in commands if c) or None
+    path.write_text(render(runs, list(which), out, experiments, command, uri) + "\n")
     artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
     if "gallery" in which and (out / gallery.FOLDER).is_dir():
         artifacts.append(out / gallery.FOLDER)
-    tracking.log_summary(uri, experiment, artifacts, extra_metrics or {}, ablation_run)
+    for name in experiments:
+        tracking.log_summary(uri, name, artifacts, extra_metrics or {}, ablation_run)
     return path
