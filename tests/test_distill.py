@@ -399,7 +399,7 @@ def test_a_method_registered_in_one_line_is_accepted_run_expanded_and_reported(d
     finished = [{**{k: r.params.get(k, "") for k in SCHEMA}, "mAP": 20.0 + i} for i, r in enumerate(runs)]
     finished += [{**finished[0], "lambda_feat": "1.0", "seed": str(s), "mAP": m} for s, m in ((0, 30.0), (1, 31.0))]
     frame = pd.DataFrame(finished).reindex(columns=[*SCHEMA, *METRICS, *RUN_COLUMNS])  # as load_runs returns it
-    text = render(frame, ["table1", "lambda_di"], tmp_path, "toy")
+    text = render(frame, ["table1", "lambda_di"], tmp_path, ["toy"])
     rows = [line for line in text.split("## Table 1", 1)[1].splitlines() if line.startswith("|")]
     toy_row = next(line for line in rows if "+ Toy" in line)
     # λ_feat = 1: 30 and 31 against the student's 24 and 25 (its seeds' made-up mAPs)
