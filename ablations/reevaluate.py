@@ -26,7 +26,7 @@ from dist2.config import load_config
 from dist2.distill.teacher_head import evaluate_with_teacher_head
 from dist2.evaluation.files import evaluate_checkpoint
 from dist2.methods import EVAL_VERSION, TEACHER
-from dist2.report import load_experiments, render
+from dist2.report import load_experiments, recorded_command, render
 
 
 def reevaluate(row) -> dict[str, float]:
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: mAP {row['mAP']:.2f} -> {metrics['mAP']:.2f} ({time.perf_counter() - start:.0f} s)",
               flush=True)
     (out / "reevaluated.json").write_text(json.dumps(record, indent=1, default=float))
-    commands = "`; `".join(str(tracking.experiment_tag(uri, name, tracking.COMMAND_TAG)) for name in args.experiments)
+    made_by = recorded_command(uri, args.experiments) or "(not recorded)"
     given = " ".join(sys.argv[1:] if argv is None else argv)
-    command = f"{commands}`, re-evaluated by `python ablations/reevaluate.py {given}"
+    command = f"{made_by}`, re-evaluated by `python ablations/reevaluate.py {given}"
     (out / "results.md").write_text(render(runs, args.tables, out, args.experiments, command) + "\n")
     print(out / "results.md")
     return 0

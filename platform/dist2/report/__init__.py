@@ -133,6 +133,13 @@ def render(runs: pd.DataFrame, which: list[str], out: Path, experiments: list[st
     return "\n".join(lines)
 
 
+def recorded_command(uri: str, experiments: list[str]) -> str | None:
+    """The `dist2 ablate` commands that made these experiments, joined for the report's header (None if no
+    experiment recorded one: its runs were logged outside `dist2 ablate`)."""
+    commands = [tracking.experiment_tag(uri, name, tracking.COMMAND_TAG) for name in experiments]
+    return "`; `".join(c for c in commands if c) or None
+
+
 def write_report(uri: str, experiments: list[str], out: Path, which: list[str] = TABLES,
                  extra_metrics: dict[str, float] | None = None, ablation_run: str | None = None) -> Path:
     """results.md and its pictures in `out`, from one experiment's runs or several experiments' (see
@@ -142,9 +149,7 @@ def write_report(uri: str, experiments: list[str], out: Path, which: list[str] =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"
-    commands = [tracking.experiment_tag(uri, name, tracking.COMMAND_TAG) for name in experiments]
-    command = "`; `".join(c for c in commands if c) or None
-    path.write_text(render(runs, list(which), out, experiments, command, uri) + "\n")
+    path.write_text(render(runs, list(which), out, experiments, recorded_command(uri, experiments), uri) + "\n")
     artifacts = [path] + [out / f"{name}.png" for name in which if (out / f"{name}.png").is_file()]
     if "gallery" in which and (out / gallery.FOLDER).is_dir():
         artifacts.append(out / gallery.FOLDER)
