@@ -17,6 +17,38 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 
 
+SHARED_SERVICES = {"cluster", "postgres", "tracking_server"}  # session fixtures too costly to start twice
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """The README runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A test module runs on one
+    worker, in order (its module fixtures are made once); every test that uses the session's Ray cluster or
+    tracking server runs on one worker, in collection order (the node-join test sees the bare head first)."""
+    for item in items:
+        group = "shared-services" if SHARED_SERVICES & set(item.fixturenames) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def once_per_session(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, filled by `make(folder)` once for the whole test session even when pytest-xdist splits
+    it over workers: the first worker to ask makes it under the session's common temp root, the others wait for
+    it and share it (they only read it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest's temp root for the session, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     # Generated datasets go to a per-session cache, never the user's ~/.cache.
@@ -260,13 +292,17 @@ def cluster():
         while len(started) < len(NODES):
             add_node()
 
-    with short_temp_dir("dist2-ray-") as temp:
+    with short_temp_dir("dist2-ray-") as system_temp:
+        # Its own temp folder, laid out as Ray's default under RAY_TMPDIR=system_temp: in `as_default` (an
+        # environment) it is the newest `ray start` of the machine, the cluster a plain ray.init() would join.
+        temp = system_temp / "ray"
         try:  # a head that failed part-way is stopped too
             ray_start(env, "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                       f"--ray-client-server-port={free_port()}")  # not the default 10001, for the same reason
             yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-                   "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started}
+                   "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started,
+                   "as_default": {**os.environ, "RAY_TMPDIR": str(system_temp)}}
         finally:
             stop_local_cluster(port)  # this cluster only: never another Ray on the machine
 
@@ -283,12 +319,13 @@ def teacher(tmp_path_factory):
     from dist2.config import SynthConfig
     from dist2.data.synth import generate
 
-    tmp = tmp_path_factory.mktemp("teacher")
-    root = generate(tmp / "small", SynthConfig(num_train=8, num_val=2, image_size=96, seed=5))
-    cfg = tiny_config(tmp, root, name="teacher", data=SMALL,
-                      train={"epochs": 25, "lr": 0.02, "warmup_iters": 10, "lr_steps": [20], "eval_every": 25})
-    path = write_config(tmp / "teacher.yaml", cfg)
-    result = run_cli("train", path)
-    assert result.returncode == 0, result.stderr
+    def train(tmp: Path) -> None:
+        root = generate(tmp / "small", SynthConfig(num_train=8, num_val=2, image_size=96, seed=5))
+        cfg = tiny_config(tmp, root, name="teacher", data=SMALL,
+                          train={"epochs": 25, "lr": 0.02, "warmup_iters": 10, "lr_steps": [20], "eval_every": 25})
+        result = run_cli("train", write_config(tmp / "teacher.yaml", cfg))
+        assert result.returncode == 0, result.stderr
+
+    tmp = once_per_session(tmp_path_factory, "teacher", train)
     assert read_json(tmp / "runs/teacher/metrics.json")["final"]["mAP"] > 5
-    return path, tmp / "runs/teacher", root
+    return tmp / "teacher.yaml", tmp / "runs/teacher", tmp / "small"

@@ -149,13 +149,15 @@ def test_tracking_server_unreachable_at_start_then_dropping_mid_run(tmp_path, sy
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, workers):
+def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, workers, cluster):
     """With several workers every one of them must stop at the same step (or the others would hang in the next
-    all-reduce); the run ends with the reason, whichever worker saw it."""
+    all-reduce); the run ends with the reason, whichever worker saw it. The session's cluster is the machine's
+    newest `ray start` meanwhile: a run given no address starts its own Ray all the same (it neither joins that
+    cluster, as a plain ray.init() would, nor fails)."""
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(
         tmp_path, synth_root, train={"epochs": 2, "lr_steps": [], "lr": 1.0e6, "warmup_iters": 0,
                                      "clip_grad_norm": None}, ray={"num_workers": workers}))
-    result = run_cli("train", cfg_path)
+    result = run_cli("train", cfg_path, env=cluster["as_default"])
     assert result.returncode == 1, result.stderr
     assert "stopped: loss term" in result.stderr and "Traceback" not in result.stderr
     run = only_run(run_store(tmp_path))

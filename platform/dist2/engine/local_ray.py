@@ -26,8 +26,11 @@ def start_ray(address: str | None = None):
         # defeats silencing pycocotools), and a faster controller poll so that the run ends sooner.
         for key, value in LOCAL_RAY_TRAIN_SETTINGS.items():
             os.environ.setdefault(key, value)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 log_to_driver=True, runtime_env={"worker_process_setup_hook": quiet_local_worker})
+        # address="local": a plain ray.init() would join the newest `ray start` cluster on this machine (and refuse
+        # num_cpus there), not start the run's own Ray as documented.
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_local_worker})
 
 
 def quiet_local_worker() -> None:
