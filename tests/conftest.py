@@ -16,18 +16,41 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One torch thread in this process and every process the tests start, before any test module imports torch: the
+# tests' models are tiny and the two xdist workers already use both cores of a CI machine (a second thread each
+# adds CPU time, not speed). Runs that set their own count (Ray workers: cpus_per_worker) still do.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 SHARED_SERVICES = {"cluster", "postgres", "tracking_server"}  # session fixtures too costly to start twice
+SHARED_SERVICE_MODULES = {"test_ablate.py", "test_deploy.py", "test_ray.py"}  # the modules whose tests use them
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """The README runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A test module runs on one
-    worker, in order (its module fixtures are made once); every test that uses the session's Ray cluster or
-    tracking server runs on one worker, in collection order (the node-join test sees the bare head first)."""
-    for item in items:
-        group = "shared-services" if SHARED_SERVICES & set(item.fixturenames) else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """The suite runs on two pytest-xdist workers (pyproject's `-n 2`), a test module on one worker, in order (its
+    module fixtures made once). The modules that use the session's Ray cluster or tracking server run on one
+    worker, in collection order: those services start once, and the node-join test sees the bare head first.
+    (A scheduler rather than xdist_group marks: pytest-xdist 3.8's groups have no effect under pytest 9.) The
+    units go out in collection order, not most tests first: the shared services' unit, the longest by far, starts
+    at once on one worker while the other works through the rest."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
+
+    class ModulesAndSharedServices(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:  # as xdist's own loadfile and loadgroup schedulers do
+            module = nodeid.split("::", 1)[0]
+            return "shared services" if Path(module).name in SHARED_SERVICE_MODULES else module
+
+    return ModulesAndSharedServices(config, log)
+
+
+def pytest_itemcollected(item):
+    """Keeps SHARED_SERVICE_MODULES true: a test elsewhere that used a shared service would start its own copy on
+    the other worker (and a second cluster would not start bare for the node-join test)."""
+    used = SHARED_SERVICES & set(item.fixturenames)
+    if used and item.path.name not in SHARED_SERVICE_MODULES:
+        raise pytest.UsageError(f"{item.nodeid} uses {sorted(used)}: add {item.path.name} to SHARED_SERVICE_MODULES")
 
 
 def once_per_session(tmp_path_factory, name: str, make) -> Path:

@@ -104,14 +104,18 @@ class LiveCapacity(BasicVariantGenerator):
 # ---------------------------------------------------------------- the autoscaler
 
 def _monitor_config() -> dict | None:
-    """The autoscaling config of the autoscaler running on this node (`ray start --head --autoscaling-config`,
-    `ray up`'s ~/ray_bootstrap_config.yaml, which holds the node types' detected resources), or None."""
+    """The autoscaling config of this cluster's autoscaler, running on this node (`ray start --head
+    --autoscaling-config`, `ray up`'s ~/ray_bootstrap_config.yaml, which holds the node types' detected resources),
+    or None. Another cluster's autoscaler on the same machine is told apart by its GCS port."""
     import psutil
+    import ray
     import yaml
 
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     for process in psutil.process_iter(["cmdline"]):
         args = process.info["cmdline"] or []
-        if not any(a.endswith("monitor.py") for a in args):
+        if not any(a.endswith("monitor.py") for a in args) or not any(
+                a.startswith("--gcs-address=") and a.rsplit(":", 1)[1] == port for a in args):
             continue
         for arg in args:
             if arg.startswith("--autoscaling-config="):
