@@ -114,9 +114,10 @@ def _monitor_config() -> dict | None:
     port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     for process in psutil.process_iter(["cmdline"]):
         args = process.info["cmdline"] or []
-        if not any(a.endswith("monitor.py") for a in args) or not any(
-                a.startswith("--gcs-address=") and a.rsplit(":", 1)[1] == port for a in args):
+        if not any(a.endswith("monitor.py") for a in args):
             continue
+        if not any(a.startswith("--gcs-address=") and a.rsplit(":", 1)[1] == port for a in args):
+            continue  # another cluster's autoscaler on this machine
         for arg in args:
             if arg.startswith("--autoscaling-config="):
                 path = Path(arg.split("=", 1)[1]).expanduser()
