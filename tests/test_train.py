@@ -186,13 +186,16 @@ def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epo
 
 
 
-def test_a_run_with_kept_loader_processes_and_grouped_batches_continues_exactly(tmp_path, synth_root):
-    """data.num_workers: 2 (processes kept across epochs, each sample seeded from (seed, epoch, index)) and
-    aspect-ratio grouping: one epoch, stop, continue == two epochs in one go, to the bit."""
-    data = {"num_workers": 2, "group_aspect_ratio": True}
-    straight = write_config(tmp_path / "straight.yaml", tiny_config(tmp_path, synth_root, name="straight", data=data))
+def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_continues_exactly(tmp_path,
+                                                                                                 synth_root):
+    """data.num_workers: 2 (processes kept across epochs, each sample seeded from (seed, epoch, index)),
+    aspect-ratio grouping and train.ema_decay: one epoch, stop, continue == two epochs in one go, to the bit. The
+    deployed weights are the moving average, the resume state keeps the trained ones beside it."""
+    sections = {"data": {"num_workers": 2, "group_aspect_ratio": True}, "train": {"ema_decay": 0.9}}
+    straight = write_config(tmp_path / "straight.yaml",
+                            tiny_config(tmp_path, synth_root, name="straight", **sections))
     assert run_cli("train", straight).returncode == 0
-    broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken", data=data))
+    broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken", **sections))
     assert run_cli("train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]").returncode == 0
     result = run_cli("train", broken)
     assert result.returncode == 0 and "continuing after epoch 1 of 2" in result.stderr, result.stderr
@@ -202,6 +205,10 @@ def test_a_run_with_kept_loader_processes_and_grouped_batches_continues_exactly(
     losses = [[h["loss"] for h in read_json(tmp_path / f"runs/{n}/metrics.json")["history"]]
               for n in ("straight", "broken")]
     assert losses[0] == losses[1]
+    resume = torch.load(tmp_path / "runs/broken/epoch_0002/resume.pth", weights_only=True)
+    average = resume["average"]["average"]
+    assert all(torch.equal(b[k], average[k]) for k in b)
+    assert not all(torch.equal(b[k], resume["model"][k]) for k in b)  # the trained weights are not deployed
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
@@ -491,3 +498,30 @@ def test_a_model_upload_that_fails_leaves_a_failed_model_and_a_second_try_logs_o
     assert list(statuses.values()) == [LoggedModelStatus.READY]
     outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
     assert outputs == {failed.model_id, *statuses}
+
+
+def test_the_weight_average_is_the_bias_corrected_exponential_mean_and_swaps_back_exactly():
+    """train.ema_decay's average: after t updates, sum_i decay^(t-i) w_i / sum_i decay^(t-i) over the weights
+    visited (none of the initial ones); integer buffers are copied; `applied` deploys the average and gives the
+    trained weights back bit for bit."""
+    from dist2.engine.averaging import WeightAverage
+
+    module = torch.nn.BatchNorm1d(1)
+    for decay in (0.5, 0.95):
+        with torch.no_grad():
+            module.weight.fill_(100.0)  # the initial weights: no share in the average
+        average = WeightAverage(module, decay)
+        values = [float(t * t % 7) for t in range(1, 13)]
+        for t, value in enumerate(values, start=1):
+            with torch.no_grad():
+                module.weight.fill_(value)
+            module.num_batches_tracked.fill_(t)
+            average.update()
+        shares = [decay ** (len(values) - i) for i in range(1, len(values) + 1)]
+        expected = sum(s * v for s, v in zip(shares, values)) / sum(shares)
+        assert average.average["weight"].item() == pytest.approx(expected, rel=1e-6)
+        assert average.average["num_batches_tracked"].item() == 12
+        with average.applied() as trained:
+            assert module.weight.item() == pytest.approx(expected, rel=1e-6)
+            assert trained["weight"].item() == values[-1]
+        assert module.weight.item() == values[-1]

@@ -137,6 +137,9 @@ class TrainConfig(Strict):
     amp: bool = True  # mixed precision; only takes effect on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(1, ge=1)  # epochs
+    # Evaluate and deploy an exponential moving average of the weights with this decay (e.g. 0.99); null: the
+    # trained weights themselves (engine/averaging.py).
+    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     # The evaluated epoch the run folder keeps in best/ (and tags in MLflow), highest first.
     best_metric: Literal[COCO_METRICS + COCO_RECALLS + TEACHER_HEAD_METRICS] = "mAP"
 

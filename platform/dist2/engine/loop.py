@@ -9,6 +9,7 @@ to its caller.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -26,6 +27,7 @@ from dist2 import distributed
 from dist2.config import ExperimentConfig
 from dist2.data.coco import CocoDetection
 from dist2.data.loader import TrainLoader
+from dist2.engine.averaging import WeightAverage
 from dist2.engine.schedule import build_optimizer, build_scheduler
 from dist2.evaluation import evaluate
 from dist2.methods import CLASS_AP
@@ -76,9 +78,11 @@ StepHook = Callable[[int, int], None]
 
 
 def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, optimizer, scheduler, scaler, device,
-                    epoch: int, cfg: ExperimentConfig, on_step: StepHook | None = None) -> dict[str, float]:
+                    epoch: int, cfg: ExperimentConfig, on_step: StepHook | None = None,
+                    average: WeightAverage | None = None) -> dict[str, float]:
     """One pass over this worker's shard. `model` is the optimised module, wrapped for data parallelism when
-    there are several workers. Loss metrics are this worker's means; img_per_s is the throughput of all."""
+    there are several workers; `average`, if any, follows its weights. Loss metrics are this worker's means;
+    img_per_s is the throughput of all."""
     model.train()
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
@@ -106,6 +110,8 @@ def train_one_epoch(model: torch.nn.Module, params: list, loader: DataLoader, op
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if average is not None:
+            average.update()
         seen += len(images)
         if on_step is not None:
             global_step = epoch * len(loader) + step + 1
@@ -135,7 +141,9 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
     `on_step` follows the steps (rank 0's heartbeat).
 
     The global batch cfg.train.batch_size is split over the workers; with several, the module is wrapped in
-    DistributedDataParallel and each worker draws its own shard of every epoch.
+    DistributedDataParallel and each worker draws its own shard of every epoch. With cfg.train.ema_decay the
+    evaluated and deployed weights are the moving average of the trained ones: the module holds them while each
+    epoch's results are yielded, and the resume state keeps both.
     """
     world = distributed.world_size()
     loader = TrainLoader(train_ds, cfg.data, cfg.train.batch_size // world, cfg.seed, world, distributed.rank(),
@@ -144,6 +152,7 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
     optimizer = build_optimizer(params, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
+    average = WeightAverage(task.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     start_epoch, history = 0, []
     if state is not None:
         task.module.load_state_dict(state["model"])
@@ -151,6 +160,8 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
+        if average is not None:
+            average.load_state_dict(state["average"])
         log.info("resuming %s after epoch %d", cfg.name, start_epoch)
     model = task.module
     if world > 1:
@@ -161,15 +172,16 @@ def epochs(cfg: ExperimentConfig, task: Task, train_ds: CocoDetection, val_ds: C
         seed_epoch(cfg.seed, epoch, distributed.rank())
         metrics = {"epoch": epoch + 1}
         metrics.update(train_one_epoch(model, params, loader.epoch(epoch), optimizer, scheduler, scaler, device,
-                                       epoch, cfg, on_step))
-        final = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.train.eval_every == 0 or final:
-            metrics.update(run_eval(task, val_ds, device, cfg, final))
-        history.append(metrics)
-        if distributed.rank() == 0:
-            log.info("epoch %d: %s", epoch + 1,
-                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                               if k != "epoch" and not k.startswith(CLASS_AP)))  # those are for files and MLflow
-        yield metrics, {"model": task.module.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "epoch": epoch + 1, "history": history}
+                                       epoch, cfg, on_step, average))
+        with average.applied() if average is not None else contextlib.nullcontext() as trained:
+            final = epoch + 1 == cfg.train.epochs
+            if (epoch + 1) % cfg.train.eval_every == 0 or final:
+                metrics.update(run_eval(task, val_ds, device, cfg, final))
+            history.append(metrics)
+            if distributed.rank() == 0:
+                log.info("epoch %d: %s", epoch + 1,
+                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                   if k != "epoch" and not k.startswith(CLASS_AP)))  # those are for files and MLflow
+            yield metrics, {"model": trained or task.module.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                            "average": average and average.state_dict(), "epoch": epoch + 1, "history": history}
