@@ -518,7 +518,7 @@ def test_the_weight_average_is_the_bias_corrected_exponential_mean_and_swaps_bac
             module.num_batches_tracked.fill_(t)
             average.update()
         shares = [decay ** (len(values) - i) for i in range(1, len(values) + 1)]
-        expected = sum(s * v for s, v in zip(shares, values)) / sum(shares)
+        expected = sum(s * v for s, v in zip(shares, values, strict=True)) / sum(shares)
         assert average.average["weight"].item() == pytest.approx(expected, rel=1e-6)
         assert average.average["num_batches_tracked"].item() == 12
         with average.applied() as trained:

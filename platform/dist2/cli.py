@@ -41,10 +41,11 @@ def _run_overrides(args) -> list[str]:
 def cmd_run(args) -> int:
     from dist2.artifacts import WEIGHTS
     from dist2.config import load_config
-    from dist2.engine.launch import launch
     from dist2.methods import TEACHER_HEAD_METRICS
 
-    cfg = load_config(args.config, _run_overrides(args))
+    cfg = load_config(args.config, _run_overrides(args))  # a mistake in it is reported before torch loads
+    from dist2.engine.launch import launch
+
     metrics = launch(cfg, args.command, args.config, address=args.address, tracking_uri=args.tracking_uri,
                      experiment=args.experiment)
     extra = "".join(f", {k} {metrics[k]:.2f}" for k in TEACHER_HEAD_METRICS if k in metrics)
@@ -55,9 +56,11 @@ def cmd_run(args) -> int:
 
 def cmd_predict(args) -> int:
     from dist2.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from dist2.predict import RESULTS, predict
 
-    out = predict(load_config(args.config, args.overrides), args.checkpoint, args.images, args.out,
+    out = predict(cfg, args.checkpoint, args.images, args.out,
                   args.score_thresh, args.teacher_head)
     log.info("wrote the pictures and %s to %s", RESULTS, out)
     return 0
@@ -65,9 +68,11 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from dist2.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from dist2.export import export
 
-    out = export(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    out = export(cfg, args.checkpoint, args.out)
     log.info("wrote %s (TorchScript: a list of CHW images in [0, 1] -> their detections)", out)
     return 0
 
@@ -153,9 +158,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ablate(args) -> int:
+    from dist2.ablation.spec import load_ablation
+
+    spec = load_ablation(args.config, args.overrides)  # a mistake in the file is reported before torch and Ray load
     from dist2.ablation.runner import ablate
 
-    return ablate(args.config, args.overrides, resume=args.resume, address=args.address,
+    return ablate(args.config, spec, args.overrides, resume=args.resume, address=args.address,
                   tracking_uri=args.tracking_uri, wait_timeout=args.wait_timeout)
 
 
@@ -163,8 +171,6 @@ def cmd_report(args) -> int:
     """From an ablation file: its experiment, store, tables and report folder, as `dist2 ablate` would write
     them. Without one: --experiment and --out, all tables, the store at --tracking-uri or ./runs/mlflow.db."""
     from dist2.ablation.spec import TABLES, load_ablation
-    from dist2.report import write_report
-    from dist2.tracking import resolve_tracking_uri
 
     if (args.ablation is None) == (not args.experiment):
         raise UserError("dist2 report needs an ABLATION file or --experiment NAME (not both)")
@@ -181,6 +187,9 @@ def cmd_report(args) -> int:
     store = output_dir / "mlflow.db"
     if args.tracking_uri is None and not store.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
         raise UserError(f"no MLflow store at {store} (the default); pass --tracking-uri")
+    from dist2.report import write_report  # pandas and MLflow: only once the arguments are known to be good
+    from dist2.tracking import resolve_tracking_uri
+
     path = write_report(resolve_tracking_uri(args.tracking_uri, output_dir), experiments, out, tables)
     print(f"report: {path}")
     return 0

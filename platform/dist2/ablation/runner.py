@@ -40,7 +40,6 @@ from dist2.ablation.spec import (
     AblationConfig,
     Run,
     grid_runs,
-    load_ablation,
     teacher_runs,
     teachers_in_use,
 )
@@ -245,9 +244,9 @@ def _record_reused_teacher(uri: str, experiment: str, run: Run, source: Path, pa
     log_detector(run.cfg, uri, run_id)
 
 
-def ablate(path: Path, overrides: list[str], resume: bool, address: str | None, tracking_uri: str | None,
-           wait_timeout: float | None = None) -> int:
-    spec = load_ablation(path, overrides)
+def ablate(path: Path, spec: AblationConfig, overrides: list[str], resume: bool, address: str | None,
+           tracking_uri: str | None, wait_timeout: float | None = None) -> int:
+    """Run the ablation `spec`, read from `path` with `overrides` (which the report's command repeats)."""
     # Tune's legacy reporter at verbose=0 prints nothing: no configuration box and TensorBoard hint per phase
     # (the Progress callback prints dist2's progress lines).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -6,7 +6,9 @@ Polyak averaging (Polyak & Juditsky 1992) with an exponential window. The averag
 moments are (Kingma & Ba 2015, §3): update t folds the weights in at rate (1 - decay) / (1 - decay^t), so it is the
 exponentially weighted mean of the weights visited so far, with no share left to the untrained initial ones and the
 window (~1 / (1 - decay) steps) in force from the start. (TensorFlow's and YOLOX's warm-up of the decay itself
-would hold it below 0.99 for the first ~900 steps: longer than the quick schedules.) Every float tensor of the module's state is averaged (BatchNorm running statistics too); integer buffers (step
+would hold it below 0.99 for the first ~900 steps: longer than the quick schedules.)
+
+Every float tensor of the module's state is averaged (BatchNorm running statistics too); integer buffers (step
 counters) are copied.
 """
 
