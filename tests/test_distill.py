@@ -14,7 +14,7 @@ from dist2.evaluation import evaluate
 from dist2.methods import STRATEGIES
 from dist2.modeling import build_detector
 
-from conftest import distill_config, read_json, run_cli, tiny_config, write_config
+from conftest import cli_in_process, distill_config, read_json, run_cli, tiny_config, write_config
 
 DATA = dict(train_sizes=[96], test_size=96, max_size=160, hflip_prob=0.0)
 
@@ -178,19 +178,19 @@ def test_baseline_losses_zero_for_identical_features_positive_otherwise(name):
     assert all(v.item() > 1e-4 for v in other.values()), other
 
 
-def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root, teacher):
+def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root, teacher, capsys):
     teacher_yaml, teacher_dir, _ = teacher  # the session's teacher (trained on other images of the same classes)
     checkpoint = teacher_dir / "model.pth"
     cfg_path = write_config(tmp_path / "d.yaml", distill_config(tmp_path, synth_root, teacher_yaml, checkpoint))
 
-    result = run_cli("distill", cfg_path, "--set", "teacher.min_mAP=99")
-    assert result.returncode == 2 and "below teacher.min_mAP = 99.0" in result.stderr
+    code, err = cli_in_process(capsys, "distill", cfg_path, "--set", "teacher.min_mAP=99")
+    assert code == 2 and "below teacher.min_mAP = 99.0" in err
     assert not (tmp_path / "runs/student_di").exists()
 
     broken = {k: v for k, v in torch.load(checkpoint, weights_only=True).items() if "head" not in k}
     torch.save(broken, tmp_path / "broken.pth")
-    result = run_cli("distill", cfg_path, "--set", f"teacher.checkpoint={tmp_path / 'broken.pth'}")
-    assert result.returncode == 2 and "broken.pth: does not match the configured model" in result.stderr
+    code, err = cli_in_process(capsys, "distill", cfg_path, "--set", f"teacher.checkpoint={tmp_path / 'broken.pth'}")
+    assert code == 2 and "broken.pth: does not match the configured model" in err
 
     result = run_cli("distill", cfg_path)
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,7 @@ from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
 from dist2.tracking import EpochLogger
 
-from conftest import epochs_logged, only_run, read_json, run_cli, run_store, tiny_config, write_config
+from conftest import cli_in_process, epochs_logged, only_run, read_json, run_cli, run_store, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_a_checkpoint_cut_short_while_being_copied_is_not_the_one_a_run_continue
     assert run.latest() == older
 
 
-def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root):
+def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root, capsys):
     """SIGTERM (`ray job stop`, `kill`, a preemption) the moment epoch 1's checkpoint is complete is taken as
     Ctrl-C: exit 130 with one line and no traceback, the MLflow run closed KILLED with epoch 1 logged (not left
     RUNNING). The same command again continues that run after epoch 1 and ends where two epochs in one go end, to
@@ -178,10 +178,10 @@ def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epo
 
     # A finished run is not run again, nor continued with a different experiment: exit 2, nothing touched.
     before = (tmp_path / "runs/broken/model.pth").read_bytes()
-    result = run_cli("train", broken)
-    assert result.returncode == 2 and "already finished its 2 epochs" in result.stderr
-    result = run_cli("train", broken, "--set", "train.epochs=3", "--set", "train.lr=0.5")
-    assert result.returncode == 2 and "with a different config (train.lr)" in result.stderr
+    code, err = cli_in_process(capsys, "train", broken)
+    assert code == 2 and "already finished its 2 epochs" in err
+    code, err = cli_in_process(capsys, "train", broken, "--set", "train.epochs=3", "--set", "train.lr=0.5")
+    assert code == 2 and "with a different config (train.lr)" in err
     assert (tmp_path / "runs/broken/model.pth").read_bytes() == before
 
 
@@ -210,6 +210,7 @@ def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_c
     assert all(torch.equal(b[k], average[k]) for k in b)
     assert not all(torch.equal(b[k], resume["model"][k]) for k in b)  # the trained weights are not deployed
 
+
 def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
     junk = tmp_path / "junk.pth"
@@ -228,8 +229,6 @@ def test_init_checkpoint_strict_non_strict_and_the_mismatch_error(two_epochs, tm
     here a checkpoint whose head has another class count); a checkpoint that does not fit a strict init is exit 2
     naming the keys, before anything is written."""
     from dist2.engine.train import build_train_task
-
-    from conftest import cli_in_process
 
     trained = two_epochs.parent / "runs/tiny/model.pth"
     cfg = load_config(two_epochs, ["name=warm", f"output_dir={tmp_path / 'runs'}",
