@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from dist2.config import flatten, load_config
@@ -66,6 +68,31 @@ def test_cli_config_error_exits_2_without_traceback_or_files(tmp_path, synth_roo
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "dist2: error:" in result.stderr and "model.backbone" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_file_a_grid_mistake_or_a_bad_argument_is_reported_before_torch_ray_mlflow_or_pandas_load(
+        tmp_path, synth_root):
+    """Such a mistake costs a user a fraction of a second, not the seconds of importing the training stack: each
+    command checks what it was given first. (A config's own keys are validated with the backbone registry, which
+    loads torchvision.)"""
+    import subprocess
+    import sys
+
+    good = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
+    ablation = tmp_path / "grid.yaml"
+    ablation.write_text(f"name: grid\npairs: [{{teacher: {good}, student: {good}}}]\ngrid: [{{method: [dist3]}}]\n")
+    missing = str(tmp_path / "nope.yaml")
+    cases = [["train", missing], ["distill", missing],
+             ["predict", missing, "--checkpoint", "m.pth", "--images", "x", "--out", "o"],
+             ["export", missing, "--checkpoint", "m.pth", "--out", "m.pt"], ["ablate", str(ablation)],
+             ["report", "--experiment", "x"]]
+    script = ("import json, sys\nfrom dist2.cli import main\n"
+              f"codes = [main(argv) for argv in {cases!r}]\n"
+              "print(json.dumps([codes, sorted({'torch', 'ray', 'mlflow', 'pandas'} & set(sys.modules))]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    codes, heavy = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [2] * len(cases) and heavy == [], result.stderr
+    assert result.stderr.count("dist2: error:") == len(cases) and "Traceback" not in result.stderr
 
 
 def test_cli_usage_error_exits_2(tmp_path):
