@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 # tests' models are tiny and the two xdist workers already use both cores of a CI machine (a second thread each
 # adds CPU time, not speed). Runs that set their own count (Ray workers: cpus_per_worker) still do.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Those runs' threads sleep when they wait rather than spin: the test clusters declare five CPUs on a 2-core machine,
+# and two 2-thread trials beside the other xdist worker spun each other down to a twelfth of their speed (three
+# 2-thread processes on 2 cores, measured: 1.4 steps/s each spinning, 5.5 sleeping; Ray's nodes inherit this).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 SHARED_SERVICES = {"cluster", "postgres", "tracking_server"}  # session fixtures too costly to start twice

@@ -472,9 +472,10 @@ def test_a_run_shorter_than_one_sampling_interval_still_logs_its_nodes_metrics(t
 
 def test_a_model_upload_that_fails_leaves_a_failed_model_and_a_second_try_logs_one(tmp_path):
     """A run's MLflow model whose upload breaks (here: the module cannot be pickled) is FAILED and the error reaches
-    the caller (who warns). Closing the run again logs a model: a failed one is not "the model it has already"
-    (it was, and the run never got one). Closing it a third time adds none."""
-    from mlflow.entities import LoggedModelStatus
+    the caller (who warns); one whose upload was cut short by a kill (left PENDING) is marked FAILED when the run
+    is closed again. Closing the run again logs a model: a failed one is not "the model it has already" (it was,
+    and the run never got one). Closing it a third time adds none."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     from dist2.tracking import MODEL_ARTIFACT, log_model
 
@@ -488,15 +489,20 @@ def test_a_model_upload_that_fails_leaves_a_failed_model_and_a_second_try_logs_o
         log_model(uri, run_id, lambda: (broken, {}))
     (failed,) = client.search_logged_models([experiment])
     assert failed.status == LoggedModelStatus.FAILED and failed.name == MODEL_ARTIFACT
+    # What a process killed during log_model leaves: the run's model created and linked, never finalised.
+    cut = client.create_logged_model(experiment, name=MODEL_ARTIFACT, source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(cut.model_id, 0)])
+    assert client.get_logged_model(cut.model_id).status == LoggedModelStatus.PENDING
 
     working = torch.jit.script(torch.nn.Linear(2, 2))
     log_model(uri, run_id, lambda: (working, {}))
     log_model(uri, run_id, lambda: (working, {}))  # closed once more: the run keeps the model it has
     statuses = {m.model_id: m.status for m in client.search_logged_models([experiment])}
-    assert len(statuses) == 2 and statuses.pop(failed.model_id) == LoggedModelStatus.FAILED
+    assert len(statuses) == 3 and statuses.pop(failed.model_id) == LoggedModelStatus.FAILED
+    assert statuses.pop(cut.model_id) == LoggedModelStatus.FAILED
     assert list(statuses.values()) == [LoggedModelStatus.READY]
     outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
-    assert outputs == {failed.model_id, *statuses}
+    assert outputs == {failed.model_id, cut.model_id, *statuses}
 
 
 def test_the_weight_average_is_the_bias_corrected_exponential_mean_and_swaps_back_exactly():

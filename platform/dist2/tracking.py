@@ -301,7 +301,8 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
     categories.json beside it maps labels to category ids and names. No signature or input example: MLflow's
     schemas cannot describe a detector's output (one dict of variable-length tensors per image), so the model is
     not served as a pyfunc. `scripted()` gives (the module, its labels); a run that has its model already (closed
-    again after a crash) keeps that one, and one whose upload failed (MLflow marks that model FAILED) gets a new one."""
+    again after a crash) keeps that one, and one whose upload failed (MLflow marks that model FAILED) or was cut
+    short (a killed process leaves it PENDING, and it is marked FAILED here) gets a new one."""
     import tempfile
 
     import mlflow
@@ -312,8 +313,12 @@ def log_model(uri: str, run_id: str, scripted: Callable[[], tuple[object, dict]]
     client = quick_client(uri)
     run = client.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs is not None else []
-    if any(client.get_logged_model(o.model_id).status == LoggedModelStatus.READY for o in outputs):
+    models = [client.get_logged_model(o.model_id) for o in outputs]
+    if any(m.status == LoggedModelStatus.READY for m in models):
         return
+    for m in models:
+        if m.status == LoggedModelStatus.PENDING:  # nobody finishes it: the run is closed once, by its one closer
+            client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
     model, labels = scripted()
     # Created here, in the run's experiment: left to itself, log_model files it under the fluent API's experiment.
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id)
