@@ -179,13 +179,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(port: int, backend_uri: str, artifacts: Path, options: list[str] = ()) -> subprocess.Popen:
-    """A real `mlflow server` on loopback (with any further `options`), returned once it answers."""
+def start_mlflow_server(port: int, backend_uri: str, artifacts: Path, options: list[str] = (),
+                        env: dict | None = None) -> subprocess.Popen:
+    """A real `mlflow server` on loopback with any further `options`, and compose.yaml's environment for it
+    unless `env` is given (added to this process's); returned once it answers."""
     import urllib.request
 
+    env = {**os.environ, **(env or compose_tracking_server()["env"])}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-                               "--workers", "1", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--workers", "1", *options], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while True:
         try:
@@ -255,25 +259,28 @@ def postgres():
 
 
 def compose_tracking_server() -> dict:
-    """docker/compose.yaml's `mlflow server`: its options (flag -> value) and the host:port its nodes call it by."""
+    """docker/compose.yaml's `mlflow server`: its options (flag -> value), its environment and the host:port its
+    nodes call it by."""
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     args = shlex.split(compose["services"]["mlflow"]["command"])
     assert args[:2] == ["mlflow", "server"]
     return {"options": dict(zip(args[2::2], args[3::2], strict=True)),
+            "env": compose["services"]["mlflow"]["environment"],
             "client_host": compose["x-node"]["environment"]["MLFLOW_TRACKING_URI"].removeprefix("http://")}
 
 
 @pytest.fixture(scope="session")
 def tracking_server(postgres, tmp_path_factory) -> dict:
     """The deployment's tracking server, for every test that needs one that stays up: a real `mlflow server` on
-    the PostgreSQL above with compose.yaml's own options (only host, port and stores swapped for test ones)."""
+    the PostgreSQL above with compose.yaml's own options and environment (only host, port and stores swapped for
+    test ones)."""
     swapped = ("--host", "--port", "--backend-store-uri", "--artifacts-destination")
-    kept = [arg for key, value in compose_tracking_server()["options"].items() if key not in swapped
-            for arg in (key, value)]
+    compose = compose_tracking_server()
+    kept = [arg for key, value in compose["options"].items() if key not in swapped for arg in (key, value)]
     port = free_port()
-    server = start_mlflow_server(port, postgres, tmp_path_factory.mktemp("mlartifacts"), kept)
+    server = start_mlflow_server(port, postgres, tmp_path_factory.mktemp("mlartifacts"), kept, compose["env"])
     try:
-        yield {"uri": f"http://127.0.0.1:{port}", "port": port}
+        yield {"uri": f"http://127.0.0.1:{port}", "port": port, "pid": server.pid}
     finally:
         stop(server)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -37,8 +38,11 @@ def _free_port() -> int:
 def mlflow_ui(store: str):
     """`mlflow ui` on `store` on a free loopback port, once it answers; yields the port."""
     port = _free_port()
+    # Without MLflow 3's job runner, as compose.yaml runs its server: its Huey consumers would take both cores of a
+    # small machine for ~15 s, and the UI does not need them.
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host",
-                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -108,6 +108,18 @@ def test_the_compose_tracking_server_accepts_the_host_names_its_clients_send(tra
     assert _status(api, "attacker.example:5000") == 403
 
 
+def test_the_compose_tracking_server_starts_no_mlflow_job_runner(tracking_server):
+    """compose.yaml's environment turns MLflow 3's job runner off (the session's tracking server runs with it):
+    its Huey consumers, one per core, took both cores of a 2-core node for ~15 s at each start, and dist2 runs no
+    MLflow server jobs."""
+    import psutil
+
+    server = psutil.Process(tracking_server["pid"])
+    assert "server" in server.cmdline()
+    jobs = [c.cmdline() for c in server.children(recursive=True) if "mlflow.server.jobs" in " ".join(c.cmdline())]
+    assert jobs == []
+
+
 class _Payload:
     """A pickle that runs code when loaded (what a malicious checkpoint would carry)."""
 
