@@ -208,15 +208,15 @@ def test_cli_distill_end_to_end_and_teacher_guard(tmp_path, synth_root, teacher,
 
     # dist2 eval --teacher-head: the resume state brings the trained adapter and reproduces both logged numbers
     # under the same names; the bare student weights have no adapter: the probe only, under its own name.
-    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head",
-                     "--json", tmp_path / "th.json")
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head",
+                               "--json", tmp_path / "th.json")
+    assert code == 0, err
     metrics = read_json(tmp_path / "th.json")
     for key in ("mAP", "teacher_head_mAP", "teacher_head_probe_mAP"):
         assert metrics[key] == pytest.approx(final[key], abs=1e-9), key
-    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "model.pth", "--teacher-head",
-                     "--json", tmp_path / "probe.json")
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", cfg_path, "--checkpoint", run_dir / "model.pth", "--teacher-head",
+                               "--json", tmp_path / "probe.json")
+    assert code == 0, err
     probe = read_json(tmp_path / "probe.json")
     assert "teacher_head_mAP" not in probe  # never the probe under the trained adapter's name
     assert probe["teacher_head_probe_mAP"] == pytest.approx(final["teacher_head_probe_mAP"], abs=1e-9)

@@ -39,7 +39,7 @@ def test_wrong_category_scores_zero(synth_root):
     assert metrics["mAP"] == 0.0
 
 
-def test_cli_eval_predictions_file(tmp_path, synth_root):
+def test_cli_eval_predictions_file(tmp_path, synth_root, capsys):
     ann_file = synth_root / "annotations/instances_val.json"
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps(_gt_as_results(ann_file, shift=2.0)))
@@ -52,9 +52,9 @@ def test_cli_eval_predictions_file(tmp_path, synth_root):
     expected = coco_metrics(load_coco(ann_file), json.loads(preds.read_text()), "pycocotools", per_class=True)
     for k, value in expected.items():  # the default backend, through the CLI, equals pycocotools' numbers
         assert metrics[k] == pytest.approx(value, abs=0.01) or (metrics[k] is None and math.isnan(value)), k
-    result = run_cli("eval", "--annotations", ann_file, "--predictions", preds, "--json", out,
-                     "--backend", "pycocotools")
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", "--annotations", ann_file, "--predictions", preds, "--json", out,
+                               "--backend", "pycocotools")
+    assert code == 0, err
     reference = read_json(out)
     assert reference.keys() == metrics.keys()
     assert all(reference[k] == pytest.approx(metrics[k], abs=0.01) for k in metrics if metrics[k] is not None)

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from dist2.methods import EVAL_VERSION
 from dist2.report import paper
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 
 ALL = paper.ALL2ALL
 FCOS_MNV2 = ("fcos", "ResNeXt101", "MobileV2C128")
@@ -129,12 +129,13 @@ def test_the_report_names_the_runs_measured_by_another_evaluation_than_todays(st
     assert f"; and {finished - 10} more." in note
 
 
-def test_an_experiment_with_no_finished_run_gives_a_report_that_says_so(store, tmp_path):
+def test_an_experiment_with_no_finished_run_gives_a_report_that_says_so(store, tmp_path, capsys):
     """Only a failed run in it: the report is written, says 0 finished runs and leaves every table empty."""
     exp = store["client"].create_experiment("nothing_finished")
     _seed_run(store["client"], exp, FCOS_MNV2, "student", "", 5.0, status="FAILED")
-    result = run_cli("report", "--experiment", "nothing_finished", "--tracking-uri", store["uri"], "--out", tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, err = cli_in_process(capsys, "report", "--experiment", "nothing_finished", "--tracking-uri", store["uri"],
+                               "--out", tmp_path)
+    assert code == 0, err[-2000:]
     text = (tmp_path / "results.md").read_text()
     assert "0 finished run(s)" in text and "(no runs for this table)" in text and "**Evaluation**" not in text
 
@@ -186,7 +187,7 @@ def test_tables_2_and_3_reproduce_the_paper(store):
     assert ours[1] == "38.3, n=1; Δ +4.9 (1 seed: no noise estimate)"
 
 
-def test_lambda_table_teacher_head_plots_and_summary_run(store):
+def test_lambda_table_teacher_head_plots_and_summary_run(store, capsys):
     rows = _section(store["text"], "λ_DI")
     n2n = next(r for r in rows if r[0] == "ResNeXt101 → ResNet50C128 (fcos)" and r[2] == "N2N")
     assert n2n[4:] == ["38.3, n=1", "30.0, n=1"]  # λ_DI = 1.0, 2.0
@@ -201,15 +202,16 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store):
     # An experiment no `dist2 ablate` made gets an ablation run for its report, and only one: reported again,
     # the same run takes the new report.
     client = store["client"]
-    again = run_cli("report", "--experiment", "paper", "--tracking-uri", store["uri"], "--out", store["out"])
-    assert again.returncode == 0, again.stderr
+    code, err = cli_in_process(capsys, "report", "--experiment", "paper", "--tracking-uri", store["uri"],
+                               "--out", store["out"])
+    assert code == 0, err
     summary = client.search_runs([store["exp"]], "tags.`dist2.kind` = 'ablation'")
     assert len(summary) == 1 and summary[0].info.status == "FINISHED" and summary[0].info.run_name == "paper"
     logged = {a.path for a in client.list_artifacts(summary[0].info.run_id, "report")}
     assert {"report/results.md", "report/table2.png", "report/lambda_di.png"} <= logged
 
 
-def test_one_report_over_a_grid_and_a_later_grid_that_added_seeds(store, tmp_path):
+def test_one_report_over_a_grid_and_a_later_grid_that_added_seeds(store, tmp_path, capsys):
     """`--experiment` twice: the rows of both, each run once (the cached teacher is recorded by both grids), both
     commands in the header, and the report logged to each experiment's ablation run."""
     client = store["client"]
@@ -221,9 +223,9 @@ def test_one_report_over_a_grid_and_a_later_grid_that_added_seeds(store, tmp_pat
         _seed_run(client, first, FCOS_MNV2, "student", "", mAP, seed=seed, run_dir=f"/runs/g/student-s{seed}")
     _seed_run(client, first, FCOS_MNV2, "dist2", ALL, 20.0, seed=0, run_dir="/runs/g/dist2-s0")
     _seed_run(client, later, FCOS_MNV2, "dist2", ALL, 23.0, seed=1, run_dir="/runs/g2/dist2-s1")
-    result = run_cli("report", "--experiment", "grid_first", "--experiment", "grid_later",
-                     "--tracking-uri", store["uri"], "--out", tmp_path)
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "report", "--experiment", "grid_first", "--experiment", "grid_later",
+                               "--tracking-uri", store["uri"], "--out", tmp_path)
+    assert code == 0, err
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# grid_first + grid_later: results")
     assert "Command: `dist2 ablate a.yaml`; `dist2 ablate a.yaml --set name=grid_later`" in text
@@ -259,10 +261,11 @@ def test_teacher_head_deltas_use_that_metrics_own_seed_spread():
     assert marked_delta(fi, {**di, f"{probe}|n": 1}, probe) == "+2.0 (1 seed: no noise estimate)"
 
 
-def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path):
-    result = run_cli("report", "--experiment", "nope", "--tracking-uri", store["uri"], "--out", tmp_path)
-    assert result.returncode == 2
-    assert re.search(r"no MLflow experiment 'nope' in sqlite:.*experiments there: .*paper", result.stderr)
+def test_report_of_an_unknown_experiment_is_a_clear_error(store, tmp_path, capsys):
+    code, err = cli_in_process(capsys, "report", "--experiment", "nope", "--tracking-uri", store["uri"],
+                               "--out", tmp_path)
+    assert code == 2
+    assert re.search(r"no MLflow experiment 'nope' in sqlite:.*experiments there: .*paper", err)
     assert not (tmp_path / "results.md").exists()
 
 

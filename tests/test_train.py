@@ -29,7 +29,7 @@ def two_epochs(tmp_path_factory, synth_root) -> Path:
     return cfg_path
 
 
-def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teacher, tmp_path):
+def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teacher, tmp_path, capsys):
     run_dir = two_epochs.parent / "runs" / "tiny"
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "model.pth", "resume.pth", "metrics.json",
                                                   "epoch_0001", "epoch_0002", "best"}
@@ -67,8 +67,8 @@ def test_train_writes_deployable_weights_metrics_and_evaluates(two_epochs, teach
     # mAP is well above zero (a two-epoch run's is about zero, which any evaluation would reproduce).
     teacher_yaml, teacher_dir, _ = teacher
     out = tmp_path / "eval.json"
-    result = run_cli("eval", teacher_yaml, "--checkpoint", teacher_dir / "model.pth", "--json", out)
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", teacher_yaml, "--checkpoint", teacher_dir / "model.pth", "--json", out)
+    assert code == 0, err
     metrics = read_json(out)
     assert list(metrics) == [*COCO_METRICS, *COCO_RECALLS, *per_class]
     trained = read_json(teacher_dir / "metrics.json")["final"]
@@ -401,9 +401,9 @@ def test_predict_draws_each_image_and_writes_coco_results_that_evaluate_like_the
         assert Image.open(out / f"{image.stem}.png").size == Image.open(image).size
     # predictions.json: COCO results against the val annotations, scoring what `dist2 eval` scores for the checkpoint
     ann = root / "annotations/instances_train.json"
-    result = run_cli("eval", "--annotations", ann, "--predictions", out / "predictions.json", "--json",
-                     tmp_path / "from_json.json")
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", "--annotations", ann, "--predictions", out / "predictions.json",
+                               "--json", tmp_path / "from_json.json")
+    assert code == 0, err
     assert read_json(tmp_path / "from_json.json")["mAP"] == pytest.approx(
         read_json(teacher_dir / "metrics.json")["final"]["mAP"], abs=0.05)
 
