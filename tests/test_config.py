@@ -73,8 +73,8 @@ def test_cli_config_error_exits_2_without_traceback_or_files(tmp_path, synth_roo
 def test_a_missing_file_a_grid_mistake_or_a_bad_argument_is_reported_before_torch_ray_mlflow_or_pandas_load(
         tmp_path, synth_root):
     """Such a mistake costs a user a fraction of a second, not the seconds of importing the training stack: each
-    command checks what it was given first. (A config's own keys are validated with the backbone registry, which
-    loads torchvision.)"""
+    command checks what it was given first, a config's own keys included (its backbone against the registry,
+    which loads no torchvision)."""
     import subprocess
     import sys
 
@@ -85,7 +85,8 @@ def test_a_missing_file_a_grid_mistake_or_a_bad_argument_is_reported_before_torc
     cases = [["train", missing], ["distill", missing],
              ["predict", missing, "--checkpoint", "m.pth", "--images", "x", "--out", "o"],
              ["export", missing, "--checkpoint", "m.pth", "--out", "m.pt"], ["ablate", str(ablation)],
-             ["report", "--experiment", "x"]]
+             ["report", "--experiment", "x"], ["train", str(good), "--set", "train.lr=-1"],
+             ["distill", str(good), "--set", "model.backbone=resnet9"]]
     script = ("import json, sys\nfrom dist2.cli import main\n"
               f"codes = [main(argv) for argv in {cases!r}]\n"
               "print(json.dumps([codes, sorted({'torch', 'ray', 'mlflow', 'pandas'} & set(sys.modules))]))")

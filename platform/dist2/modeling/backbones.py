@@ -1,19 +1,19 @@
 """Backbones: ImageNet classifiers cut at strides 8/16/32 (C3, C4, C5) and topped with an FPN of a chosen width.
 
 One registry, `BACKBONES`: name -> function(pretrained, norm_layer, width_mult) -> `Trunk`. Adding a backbone is
-one function and one registry line.
+one function and one registry line. Importing this module loads neither torch nor torchvision (each builder
+imports them when it runs): a config's backbone is checked against the registry, and a mistake elsewhere in the
+config is reported without the seconds of loading the training stack.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch.nn as nn
-from torchvision import models
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import misc as misc_nn_ops
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+if TYPE_CHECKING:
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
 
 @dataclass
@@ -24,9 +24,13 @@ class Trunk:
     stages: list[str]  # child names from the input side, for freezing the first ones
 
 
-def _resnet(factory, weights_enum) -> Callable[..., Trunk]:
+def _resnet(arch: str) -> Callable[..., Trunk]:
+    """torchvision's `arch` (a ResNet or ResNeXt) with its first ImageNet weights (IMAGENET1K_V1)."""
     def build(pretrained: bool, norm_layer, width_mult: float) -> Trunk:
-        net = factory(weights=weights_enum if pretrained else None, norm_layer=norm_layer)
+        from torchvision import models
+
+        weights = models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+        net = models.get_model(arch, weights=weights, norm_layer=norm_layer)
         c5 = net.fc.in_features
         return Trunk(
             body=net,
@@ -40,6 +44,8 @@ def _resnet(factory, weights_enum) -> Callable[..., Trunk]:
 
 def _resnet10(pretrained: bool, norm_layer, width_mult: float) -> Trunk:
     """A ResNet-18 with one block per stage: a CPU-sized backbone for quick configs and tests."""
+    from torchvision import models
+
     if pretrained:
         raise ValueError("resnet10 has no ImageNet weights")
     net = models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
@@ -48,6 +54,8 @@ def _resnet10(pretrained: bool, norm_layer, width_mult: float) -> Trunk:
 
 
 def _mobilenet_v2(pretrained: bool, norm_layer, width_mult: float) -> Trunk:
+    from torchvision import models
+
     if pretrained and width_mult != 1.0:
         raise ValueError("mobilenet_v2 ImageNet weights exist only for width_mult 1.0")
     weights = models.MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
@@ -59,9 +67,9 @@ def _mobilenet_v2(pretrained: bool, norm_layer, width_mult: float) -> Trunk:
 
 
 BACKBONES: dict[str, Callable[..., Trunk]] = {
-    "resnext101_64x4d": _resnet(models.resnext101_64x4d, models.ResNeXt101_64X4D_Weights.IMAGENET1K_V1),
-    "resnet50": _resnet(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
-    "resnet18": _resnet(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnext101_64x4d": _resnet("resnext101_64x4d"),
+    "resnet50": _resnet("resnet50"),
+    "resnet18": _resnet("resnet18"),
     "resnet10": _resnet10,
     "mobilenet_v2": _mobilenet_v2,
 }
@@ -80,6 +88,11 @@ def build_backbone_fpn(name: str, channels: int, pretrained: bool, trainable_lay
                        width_mult: float = 1.0, frozen_bn: bool | None = None) -> BackboneWithFPN:
     """Backbone (C3-C5) + FPN (P3-P7, `channels` wide). P6 and P7 come from P5, so that an injected P5 (B2N)
     drives them the same way the teacher's own P5 does."""
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops import misc as misc_nn_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
     # Pretrained statistics are kept frozen (FrozenBatchNorm), as torchvision does for detection fine-tuning;
     # from scratch the BatchNorm layers learn. `frozen_bn` forces it for weights loaded afterwards (COCO).
     frozen_bn = pretrained if frozen_bn is None else frozen_bn
