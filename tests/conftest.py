@@ -179,13 +179,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(port: int, backend_uri: str, artifacts: Path, options: list[str] = (),
-                        env: dict | None = None) -> subprocess.Popen:
-    """A real `mlflow server` on loopback with any further `options`, and compose.yaml's environment for it
-    unless `env` is given (added to this process's); returned once it answers."""
+def start_mlflow_server(port: int, backend_uri: str, artifacts: Path, options: list[str] = ()) -> subprocess.Popen:
+    """A real `mlflow server` on loopback with any further `options` and compose.yaml's environment for its server
+    (added to this process's), returned once it answers."""
     import urllib.request
 
-    env = {**os.environ, **(env or compose_tracking_server()["env"])}
+    env = {**os.environ, **compose_tracking_server()["env"]}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
                                "--workers", "1", *options], env=env, stdout=subprocess.DEVNULL,
@@ -278,7 +277,7 @@ def tracking_server(postgres, tmp_path_factory) -> dict:
     compose = compose_tracking_server()
     kept = [arg for key, value in compose["options"].items() if key not in swapped for arg in (key, value)]
     port = free_port()
-    server = start_mlflow_server(port, postgres, tmp_path_factory.mktemp("mlartifacts"), kept, compose["env"])
+    server = start_mlflow_server(port, postgres, tmp_path_factory.mktemp("mlartifacts"), kept)
     try:
         yield {"uri": f"http://127.0.0.1:{port}", "port": port, "pid": server.pid}
     finally:
