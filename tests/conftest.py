@@ -154,6 +154,25 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def non_finite_config(tmp_path: Path, synth_root: Path, workers: int) -> Path:
+    """The tiny config at a learning rate that makes its loss non-finite within two epochs."""
+    return write_config(tmp_path / "tiny.yaml", tiny_config(
+        tmp_path, synth_root, train={"epochs": 2, "lr_steps": [], "lr": 1.0e6, "warmup_iters": 0,
+                                     "clip_grad_norm": None}, ray={"num_workers": workers}))
+
+
+def assert_failed_on_a_non_finite_loss(tmp_path: Path, code: int, stderr: str) -> None:
+    """Exit 1 with the reason in one line, and the run FAILED in MLflow with the term, epoch and step."""
+    assert code == 1, stderr
+    assert "stopped: loss term" in stderr and "Traceback" not in stderr
+    run = only_run(run_store(tmp_path))
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["dist2.failure_term"] in {"loss", "classification", "bbox_regression", "bbox_ctrness"}
+    assert int(tags["dist2.failure_epoch"]) >= 1 and int(tags["dist2.failure_step"]) >= 0
+    assert tags["dist2.failure_term"] in tags["dist2.failure"]
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

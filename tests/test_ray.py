@@ -6,19 +6,21 @@ from dist2.config import load_config
 
 from conftest import (
     SMALL,
+    assert_failed_on_a_non_finite_loss,
+    cli_in_process,
     distill_config,
     epochs_logged,
+    non_finite_config,
     only_run,
     read_json,
     run_cli,
     run_store,
-    tiny_config,
     write_config,
 )
 
 
 def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_like_one_process(tmp_path, teacher,
-                                                                                                 cluster):
+                                                                                                 cluster, capsys):
     """`dist2 distill --num-workers 2 --address` on the session's two-node cluster (token auth): the cluster's 5
     CPUs shared out make two 2-CPU workers, which no single node holds. --no-gpu: its GPUs are declared only."""
     cluster["grow"]()
@@ -52,31 +54,21 @@ def test_two_worker_distillation_on_two_nodes_is_one_mlflow_run_and_evaluates_li
     # The workers' sharded evaluation (predictions gathered, COCOeval once) == one process on the same checkpoint:
     # the teacher (evaluated by the 2 workers before distilling), then the student and its teacher_head_mAP.
     out = tmp_path / "single.json"
-    result = run_cli("eval", teacher_yaml, "--checkpoint", teacher_pth, "--json", out)
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", teacher_yaml, "--checkpoint", teacher_pth, "--json", out)
+    assert code == 0, err
     assert read_json(out)["mAP"] > 5 and read_json(out)["mAP"] == pytest.approx(history[-1]["teacher_mAP"], abs=1e-9)
-    result = run_cli("eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head", "--json", out)
-    assert result.returncode == 0, result.stderr
+    code, err = cli_in_process(capsys, "eval", cfg_path, "--checkpoint", run_dir / "resume.pth", "--teacher-head",
+                               "--json", out)
+    assert code == 0, err
     for key, value in read_json(out).items():
         assert value == pytest.approx(history[-1][key], abs=1e-9) if value is not None else \
             history[-1][key] != history[-1][key], key
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, workers, cluster):
+def test_non_finite_loss_stops_every_worker_and_fails_the_run_with_its_reason(tmp_path, synth_root, cluster):
     """With several workers every one of them must stop at the same step (or the others would hang in the next
     all-reduce); the run ends with the reason, whichever worker saw it. The session's cluster is the machine's
     newest `ray start` meanwhile: a run given no address starts its own Ray all the same (it neither joins that
-    cluster, as a plain ray.init() would, nor fails)."""
-    cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(
-        tmp_path, synth_root, train={"epochs": 2, "lr_steps": [], "lr": 1.0e6, "warmup_iters": 0,
-                                     "clip_grad_norm": None}, ray={"num_workers": workers}))
-    result = run_cli("train", cfg_path, env=cluster["as_default"])
-    assert result.returncode == 1, result.stderr
-    assert "stopped: loss term" in result.stderr and "Traceback" not in result.stderr
-    run = only_run(run_store(tmp_path))
-    assert run.info.status == "FAILED"
-    tags = run.data.tags
-    assert tags["dist2.failure_term"] in {"loss", "classification", "bbox_regression", "bbox_ctrness"}
-    assert int(tags["dist2.failure_epoch"]) >= 1 and int(tags["dist2.failure_step"]) >= 0
-    assert tags["dist2.failure_term"] in tags["dist2.failure"]
+    cluster, as a plain ray.init() would, nor fails). One worker, in-process: test_train.py."""
+    result = run_cli("train", non_finite_config(tmp_path, synth_root, workers=2), env=cluster["as_default"])
+    assert_failed_on_a_non_finite_loss(tmp_path, result.returncode, result.stderr)

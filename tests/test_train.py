@@ -1,4 +1,5 @@
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -16,7 +17,18 @@ from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
 from dist2.tracking import EpochLogger
 
-from conftest import cli_in_process, epochs_logged, only_run, read_json, run_cli, run_store, tiny_config, write_config
+from conftest import (
+    assert_failed_on_a_non_finite_loss,
+    cli_in_process,
+    epochs_logged,
+    non_finite_config,
+    only_run,
+    read_json,
+    run_cli,
+    run_store,
+    tiny_config,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +152,8 @@ def test_a_checkpoint_cut_short_while_being_copied_is_not_the_one_a_run_continue
     assert run.latest() == older
 
 
-def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root, capsys):
+def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epochs, tmp_path, synth_root, capsys,
+                                                                         caplog):
     """SIGTERM (`ray job stop`, `kill`, a preemption) the moment epoch 1's checkpoint is complete is taken as
     Ctrl-C: exit 130 with one line and no traceback, the MLflow run closed KILLED with epoch 1 logged (not left
     RUNNING). The same command again continues that run after epoch 1 and ends where two epochs in one go end, to
@@ -160,9 +173,10 @@ def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epo
     stopped = only_run(client)
     assert stopped.info.status == "KILLED" and epochs_logged(client, stopped.info.run_id) == [1]
 
-    result = run_cli("train", broken)
-    assert result.returncode == 0, result.stderr
-    assert "continuing after epoch 1 of 2" in result.stderr
+    with caplog.at_level(logging.INFO, logger="dist2"):
+        code, err = cli_in_process(capsys, "train", broken)
+    assert code == 0, err
+    assert "continuing after epoch 1 of 2" in caplog.text
     continued = only_run(client)
     assert (continued.info.run_id, continued.info.status) == (stopped.info.run_id, "FINISHED")
     assert epochs_logged(client, continued.info.run_id) == [1, 2]
@@ -187,18 +201,20 @@ def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epo
 
 
 def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_continues_exactly(tmp_path,
-                                                                                                 synth_root):
+                                                                                                 synth_root, capsys,
+                                                                                                 caplog):
     """data.num_workers: 2 (processes kept across epochs, each sample seeded from (seed, epoch, index)),
     aspect-ratio grouping and train.ema_decay: one epoch, stop, continue == two epochs in one go, to the bit. The
     deployed weights are the moving average, the resume state keeps the trained ones beside it."""
     sections = {"data": {"num_workers": 2, "group_aspect_ratio": True}, "train": {"ema_decay": 0.9}}
     straight = write_config(tmp_path / "straight.yaml",
                             tiny_config(tmp_path, synth_root, name="straight", **sections))
-    assert run_cli("train", straight).returncode == 0
+    assert cli_in_process(capsys, "train", straight)[0] == 0
     broken = write_config(tmp_path / "broken.yaml", tiny_config(tmp_path, synth_root, name="broken", **sections))
-    assert run_cli("train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]").returncode == 0
-    result = run_cli("train", broken)
-    assert result.returncode == 0 and "continuing after epoch 1 of 2" in result.stderr, result.stderr
+    assert cli_in_process(capsys, "train", broken, "--set", "train.epochs=1", "--set", "train.lr_steps=[]")[0] == 0
+    with caplog.at_level(logging.INFO, logger="dist2"):
+        code, err = cli_in_process(capsys, "train", broken)
+    assert code == 0 and "continuing after epoch 1 of 2" in caplog.text, err
     a = torch.load(tmp_path / "runs/straight/model.pth", weights_only=True)
     b = torch.load(tmp_path / "runs/broken/model.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -211,7 +227,7 @@ def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_c
     assert not all(torch.equal(b[k], resume["model"][k]) for k in b)  # the trained weights are not deployed
 
 
-def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
+def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root, capsys):
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, synth_root))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
@@ -220,8 +236,15 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root):
     other = tiny_config(tmp_path, synth_root, model={"channels": 64})
     torch.save(build_detector(load_config(write_config(tmp_path / "o.yaml", other)).model,
                               load_config(cfg_path).data, {1: "a"}).state_dict(), tmp_path / "other.pth")
-    result = run_cli("eval", cfg_path, "--checkpoint", tmp_path / "other.pth")
-    assert result.returncode == 2 and "does not match the configured model" in result.stderr
+    code, err = cli_in_process(capsys, "eval", cfg_path, "--checkpoint", tmp_path / "other.pth")
+    assert code == 2 and "does not match the configured model" in err
+
+
+def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path, synth_root, capsys):
+    """One worker, in this process: the run ends at the first non-finite loss term with its reason (the loss
+    term, epoch and step). Two workers on Ray: test_ray.py."""
+    code, err = cli_in_process(capsys, "train", non_finite_config(tmp_path, synth_root, workers=1))
+    assert_failed_on_a_non_finite_loss(tmp_path, code, err)
 
 
 def test_init_checkpoint_strict_non_strict_and_the_mismatch_error(two_epochs, tmp_path, synth_root, capsys):

@@ -33,10 +33,15 @@ def _ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, timeout=120)
 
 
-def stop_local_cluster(port: int, timeout: float = 10.0) -> None:
+def stop_local_cluster(port: int, grace: float = 2.0) -> None:
     """Stop the Ray nodes of the local cluster whose GCS listens on `port`, and nothing else: `ray stop` would stop
     every Ray of this user on the machine (another user's job, a running ablation). Its processes are those that
-    name the GCS address or port (GCS, raylets, dashboard, monitor, agents) and their children (the workers)."""
+    name the GCS address or port (GCS, raylets, dashboard, monitor, agents) and their children (the workers).
+
+    SIGTERM, then SIGKILL for what still runs after `grace` seconds, as `ray stop` does with a longer grace: a
+    raylet drains for ~10 s after SIGTERM, and the GCS and the autoscaler's monitor do not exit on it at all; a
+    cluster stopped here has nothing left to drain. A zombie (a worker whose raylet has gone, not yet reaped)
+    holds nothing: it counts as stopped."""
     import psutil
 
     names_gcs = re.compile(rf"(:|--gcs_server_port=){port}(\D|$)")  # HOST:PORT in any flag, or the GCS's own
@@ -46,10 +51,11 @@ def stop_local_cluster(port: int, timeout: float = 10.0) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    if not _stopped_within(procs, grace):
+        for proc in _running(procs):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        _stopped_within(procs, 5.0)
     # `ray start` (a joining node too) records its cluster as the one a plain ray.init() on this machine connects
     # to; `ray stop` removes that record, and so must we, or the next ray.init() tries the dead cluster.
     from ray._private.utils import get_ray_address_file  # Ray has no public name for it
@@ -58,6 +64,27 @@ def stop_local_cluster(port: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(OSError):
         if names_gcs.search(record.read_text()):
             record.unlink()
+
+
+def _stopped_within(procs, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _running(procs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _running(procs) -> list:
+    import psutil
+
+    def runs(proc) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    return [proc for proc in procs if runs(proc)]
 
 
 def _children(proc) -> list:
