@@ -1,6 +1,6 @@
 import re
 
-from conftest import run_cli, tiny_config, write_config
+from conftest import cli_in_process, run_cli, tiny_config, write_config
 
 
 def test_bench_prints_throughput_table(tmp_path, synth_root):
@@ -15,9 +15,10 @@ def test_bench_prints_throughput_table(tmp_path, synth_root):
     assert not (tmp_path / "runs").exists()  # a benchmark writes no run
 
 
-def test_bench_without_configs_outside_repo_is_a_usage_error(tmp_path):
-    result = run_cli("bench", cwd=tmp_path)
-    assert result.returncode == 2 and "experiments/quick_*_teacher.yaml" in result.stderr
+def test_bench_without_configs_outside_repo_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_in_process(capsys, "bench")
+    assert code == 2 and "experiments/quick_*_teacher.yaml" in err
 
 
 def test_bench_coco_eval_times_both_backends_on_one_problem_with_equal_numbers():
