@@ -317,6 +317,14 @@ def ray_start(env: dict, *args: str) -> None:
     assert done.returncode == 0, f"ray start {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 
+def stop_cluster(port: int) -> None:
+    """`stop_local_cluster(port)`, then a check that none of that cluster's processes still runs."""
+    from dist2.bench_cluster import local_cluster_processes, stop_local_cluster
+
+    stop_local_cluster(port)
+    assert not local_cluster_processes(port), [p.cmdline()[:3] for p in local_cluster_processes(port)]
+
+
 NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # the cluster's worker nodes; GPUs declared, not real
 
 
@@ -326,8 +334,6 @@ def cluster():
     autoscaling cloud cluster, its dashboard taking jobs. It starts with no worker node: `add_node()` starts the
     next of NODES (`ray start --address`), `grow()` all that are not up yet. Two 2-CPU workers fit no single node:
     they span both."""
-    from dist2.bench_cluster import stop_local_cluster
-
     token = "dist2-test-" + os.urandom(8).hex()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dashboard = free_port(), free_port()
@@ -356,7 +362,7 @@ def cluster():
                    "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started,
                    "as_default": {**os.environ, "RAY_TMPDIR": str(system_temp)}}
         finally:
-            stop_local_cluster(port)  # this cluster only: never another Ray on the machine
+            stop_cluster(port)  # this cluster only: never another Ray on the machine
 
 
 # Eight images, evaluated on themselves: a teacher overfitted to them in seconds scores well above zero, which
@@ -368,6 +374,7 @@ SMALL = {"val_annotations": "annotations/instances_train.json", "val_images": "t
 def teacher(tmp_path_factory):
     """(a tiny FCOS teacher's YAML, its run folder, the data it overfits), trained once per session through
     `dist2 train`; its mAP on that data is well above zero."""
+    from dist2.cli import main
     from dist2.config import SynthConfig
     from dist2.data.synth import generate
 
@@ -375,8 +382,7 @@ def teacher(tmp_path_factory):
         root = generate(tmp / "small", SynthConfig(num_train=8, num_val=2, image_size=96, seed=5))
         cfg = tiny_config(tmp, root, name="teacher", data=SMALL,
                           train={"epochs": 25, "lr": 0.02, "warmup_iters": 10, "lr_steps": [20], "eval_every": 25})
-        result = run_cli("train", write_config(tmp / "teacher.yaml", cfg))
-        assert result.returncode == 0, result.stderr
+        assert main(["train", str(write_config(tmp / "teacher.yaml", cfg))]) == 0  # in this process: no imports
 
     tmp = once_per_session(tmp_path_factory, "teacher", train)
     assert read_json(tmp / "runs/teacher/metrics.json")["final"]["mAP"] > 5

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dist2.bench_cluster import stop_local_cluster
-
-from conftest import free_port, ray_start, short_temp_dir, write_ablation
+from conftest import free_port, ray_start, short_temp_dir, stop_cluster, write_ablation
 
 NODE_TYPE = {"resources": {"CPU": 2, "object_store_memory": 128 * 2**20}, "node_config": {}, "min_workers": 0,
              "max_workers": 2}
@@ -50,7 +48,7 @@ def autoscaling_cluster():
                       f"--ray-client-server-port={free_port()}")
             yield {"address": f"127.0.0.1:{port}", "env": env}
         finally:
-            stop_local_cluster(port)  # this cluster only (the fake nodes are its monitor's children)
+            stop_cluster(port)  # this cluster only (the fake nodes are its monitor's children)
 
 
 def _ablate(cluster, ablation: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -33,11 +33,13 @@ from conftest import (
 
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory, synth_root) -> Path:
-    """The tiny config trained two epochs in one go with `dist2 train`: its YAML (the run is in runs/tiny)."""
+    """The tiny config trained two epochs in one go with `dist2 train` (in this process): its YAML (the run is in
+    runs/tiny)."""
+    from dist2.cli import main
+
     tmp = tmp_path_factory.mktemp("two_epochs")
     cfg_path = write_config(tmp / "tiny.yaml", tiny_config(tmp, synth_root))
-    result = run_cli("train", cfg_path)
-    assert result.returncode == 0, result.stderr
+    assert main(["train", str(cfg_path)]) == 0
     return cfg_path
 
 
@@ -354,7 +356,7 @@ def test_training_on_a_malformed_annotation_file_exits_2_and_leaves_nothing(tmp_
     assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
-def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teacher, tmp_path):
+def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teacher, tmp_path, capsys):
     """`dist2 export`'s TorchScript file, and the MLflow model the training run logged (loaded with
     mlflow.pytorch.load_model, categories.json beside it), detect exactly what model.pth does."""
     import json
@@ -402,9 +404,10 @@ def test_export_and_the_runs_mlflow_model_give_the_eager_models_detections(teach
 
     other = build_detector(cfg.model.model_copy(update={"channels": 64}), cfg.data, val.categories)
     torch.save(other.state_dict(), tmp_path / "other.pth")
-    result = run_cli("export", teacher_yaml, "--checkpoint", tmp_path / "other.pth", "--out", tmp_path / "x.pt")
-    assert result.returncode == 2 and "other.pth: does not match the configured model" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
+    code, err = cli_in_process(capsys, "export", teacher_yaml, "--checkpoint", tmp_path / "other.pth", "--out",
+                               tmp_path / "x.pt")
+    assert code == 2 and "other.pth: does not match the configured model" in err
+    assert "Traceback" not in err and not (tmp_path / "x.pt").exists()
 
 
 def test_predict_draws_each_image_and_writes_coco_results_that_evaluate_like_the_checkpoint(teacher, tmp_path,

@@ -33,21 +33,27 @@ def _ray(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, timeout=120)
 
 
+def local_cluster_processes(port: int) -> list:
+    """The running processes of the local cluster whose GCS listens on `port`: those that name its address or port
+    (GCS, raylets, dashboard, monitor, agents) and their children (the workers). A zombie (a worker whose raylet
+    has gone, not yet reaped) holds nothing and is not counted."""
+    import psutil
+
+    roots = [proc for proc in psutil.process_iter(["cmdline"])
+             if proc.pid != os.getpid() and _names_gcs(port).search(" ".join(proc.info["cmdline"] or []))]
+    return _running({child for root in roots for child in _children(root)} | set(roots))
+
+
 def stop_local_cluster(port: int, grace: float = 2.0) -> None:
-    """Stop the Ray nodes of the local cluster whose GCS listens on `port`, and nothing else: `ray stop` would stop
-    every Ray of this user on the machine (another user's job, a running ablation). Its processes are those that
-    name the GCS address or port (GCS, raylets, dashboard, monitor, agents) and their children (the workers).
+    """Stop the Ray nodes of the local cluster whose GCS listens on `port` (`local_cluster_processes`), and nothing
+    else: `ray stop` would stop every Ray of this user on the machine (another user's job, a running ablation).
 
     SIGTERM, then SIGKILL for what still runs after `grace` seconds, as `ray stop` does with a longer grace: a
     raylet drains for ~10 s after SIGTERM, and the GCS and the autoscaler's monitor do not exit on it at all; a
-    cluster stopped here has nothing left to drain. A zombie (a worker whose raylet has gone, not yet reaped)
-    holds nothing: it counts as stopped."""
+    cluster stopped here has nothing left to drain."""
     import psutil
 
-    names_gcs = re.compile(rf"(:|--gcs_server_port=){port}(\D|$)")  # HOST:PORT in any flag, or the GCS's own
-    roots = [proc for proc in psutil.process_iter(["cmdline"])
-             if proc.pid != os.getpid() and names_gcs.search(" ".join(proc.info["cmdline"] or []))]
-    procs = {child for root in roots for child in _children(root)} | set(roots)
+    procs = local_cluster_processes(port)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -62,8 +68,12 @@ def stop_local_cluster(port: int, grace: float = 2.0) -> None:
 
     record = Path(get_ray_address_file(None))
     with contextlib.suppress(OSError):
-        if names_gcs.search(record.read_text()):
+        if _names_gcs(port).search(record.read_text()):
             record.unlink()
+
+
+def _names_gcs(port: int) -> re.Pattern:
+    return re.compile(rf"(:|--gcs_server_port=){port}(\D|$)")  # HOST:PORT in any flag, or the GCS's own
 
 
 def _stopped_within(procs, timeout: float) -> bool:
