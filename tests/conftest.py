@@ -1,5 +1,7 @@
 import contextlib
+import io
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -146,12 +148,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 
 
 def cli_in_process(capsys, *args: str) -> tuple[int, str]:
-    """`dist2 ARGS` through cli.main in this process: (exit code, stderr). For the many error cases of one command
-    (each subprocess costs seconds of imports); every such test also runs one case through `run_cli`."""
+    """`dist2 ARGS` through cli.main in this process: (exit code, stderr: what it printed and dist2's log lines, as
+    a user's terminal shows them). For the many error cases of one command (each subprocess costs seconds of
+    imports); every such test also runs one case through `run_cli`."""
     from dist2.cli import main
 
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
+    # pytest's own log capture holds the root logger, so cli.main's basicConfig adds no console handler here.
+    lines, logger = io.StringIO(), logging.getLogger("dist2")
+    handler, level = logging.StreamHandler(lines), logger.level
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return code, capsys.readouterr().err + lines.getvalue()
 
 
 def non_finite_config(tmp_path: Path, synth_root: Path, workers: int) -> Path:
