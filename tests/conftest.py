@@ -38,15 +38,24 @@ def pytest_xdist_make_scheduler(config, log):
     worker, in collection order: those services start once, and the node-join test sees the bare head first.
     (A scheduler rather than xdist_group marks: pytest-xdist 3.8's groups have no effect under pytest 9.) The
     units go out in collection order, not most tests first: the shared services' unit, the longest by far, starts
-    at once on one worker while the other works through the rest."""
+    at once on one worker while the other works through the rest. That worker takes another module only once its
+    last test runs: xdist hands a worker its next module when two of its tests are left, and the shared unit's last
+    two (test_ray's) take ~100 s, while the other worker would run out of modules and wait."""
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False
+    shared = "shared services"
 
     class ModulesAndSharedServices(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:  # as xdist's own loadfile and loadgroup schedulers do
             module = nodeid.split("::", 1)[0]
-            return "shared services" if Path(module).name in SHARED_SERVICE_MODULES else module
+            return shared if Path(module).name in SHARED_SERVICE_MODULES else module
+
+        def _reschedule(self, node) -> None:
+            work = self.assigned_work[node]
+            if shared in work and self._pending_of({shared: work[shared]}) > 1:
+                return  # (a worker runs its last test once it has more work or is told to stop: so 1, not 0)
+            super()._reschedule(node)
 
     return ModulesAndSharedServices(config, log)
 

@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dist2.config import load_config
+from dist2.engine.epoch_logger import EpochLogger
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
-from dist2.tracking import EpochLogger
 
 from conftest import (
     assert_failed_on_a_non_finite_loss,

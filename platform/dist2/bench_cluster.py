@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from tabulate import tabulate
 
 from dist2 import tracking
+from dist2.ablation.parent_run import ABLATION_KIND
 
 
 def _ray(*args: str) -> None:
@@ -142,7 +143,7 @@ def _one(ablation: Path, out: Path, name: str, cpus: int, join: bool) -> dict:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name).experiment_id
     report = next(r for r in client.search_runs([experiment])
-                  if r.data.tags.get(tracking.KIND_TAG) == tracking.ABLATION_KIND)
+                  if r.data.tags.get(tracking.KIND_TAG) == ABLATION_KIND)
     row = {"grid": name, "grid wall s": report.data.metrics["grid_wall_s"],
            "packing efficiency": report.data.metrics["grid_packing_efficiency"], "join → first trial on it s": ""}
     if joined is not None:

@@ -33,7 +33,7 @@ import torch
 from ray import tune
 
 from dist2 import tracking
-from dist2.ablation import scheduling
+from dist2.ablation import parent_run, scheduling
 from dist2.ablation.scheduling import TRIAL_END, TRIAL_WALL, Footprint, LiveCapacity
 from dist2.ablation.spec import (
     SCHEMA,
@@ -95,7 +95,7 @@ def _trial_job(run: Run, tracking_uri: str, experiment: str, source: str, parent
 
 def _child_tags(experiment: str, parent_run_id: str) -> dict[str, str]:
     """A grid run's tags: its ablation, and its parent run in the MLflow UI's tree."""
-    return {"dist2.ablation": experiment, **({tracking.PARENT_TAG: parent_run_id} if parent_run_id else {})}
+    return {"dist2.ablation": experiment, **({parent_run.PARENT_TAG: parent_run_id} if parent_run_id else {})}
 
 
 def _trial(config: dict) -> None:
@@ -270,8 +270,8 @@ def ablate(path: Path, spec: AblationConfig, overrides: list[str], resume: bool,
     missing = [t for t in teachers if RunDir(t.cfg).finished() is None]
     log.info("%s: %d teacher(s) (%d to train), %d grid trial(s); runs in %s, MLflow %s", spec.name,
              len(teachers), len(missing), len(runs), spec.output_dir / spec.name, uri)
-    parent = tracking.open_ablation_run(uri, spec.name, source, {"grid_trials": len(runs),
-                                                                 "grid_teachers": len(teachers)})
+    parent = parent_run.open_ablation_run(uri, spec.name, source, {"grid_trials": len(runs),
+                                                                   "grid_teachers": len(teachers)})
     where = {"tracking_uri": uri, "experiment": spec.name, "source": str(source), "parent_run_id": parent}
     status = "FAILED"
     try:
@@ -286,7 +286,7 @@ def ablate(path: Path, spec: AblationConfig, overrides: list[str], resume: bool,
         raise
     finally:
         scheduling.release_request()
-        tracking.end_ablation_run(uri, parent, status)
+        parent_run.end_ablation_run(uri, parent, status)
 
 
 @contextlib.contextmanager

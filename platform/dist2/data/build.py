@@ -45,9 +45,9 @@ def resolve_data_root(cfg: DataConfig) -> Path:
 
 
 def describe(cfg: DataConfig, dataset: CocoDetection, split: str) -> dict:
-    """What a run trains or evaluates on, for MLflow's Dataset column (`tracking.EpochLogger.log_datasets`): a
-    name, where it is (for the synthetic set also its generator settings), a digest of its annotation file (the
-    images are named there) and its size."""
+    """What a run trains or evaluates on, for MLflow's Dataset column (`EpochLogger.log_datasets`): a name, where
+    it is (for the synthetic set also its generator settings), a digest of its annotation file (the images are
+    named there) and its size."""
     sha = hashlib.sha256()
     with open(dataset.ann_file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -3,7 +3,7 @@ every epoch.
 
 In a Ray Train worker group `ray.train.report` persists rank 0's checkpoint of each epoch and is a barrier every
 worker passes; rank 0 then logs the epoch to MLflow. Rank 0 also logs the run's datasets, a heartbeat every half
-minute (train/step, train/img_per_s) and its node's system metrics (`tracking.EpochLogger`). A run of one worker
+minute (train/step, train/img_per_s) and its node's system metrics (`epoch_logger.EpochLogger`). A run of one worker
 on this machine (`Job.local`) runs in the driver's process without Ray and writes its checkpoints straight into the
 run's folder.
 """
@@ -28,6 +28,7 @@ from dist2.config import ExperimentConfig
 from dist2.data.build import describe
 from dist2.distributed import resolve_device
 from dist2.engine.distill import build_distill_task
+from dist2.engine.epoch_logger import EpochLogger
 from dist2.engine.loop import NonFiniteLoss, epochs
 from dist2.engine.rundir import RunDir, epoch_name, write_checkpoint
 from dist2.engine.train import build_train_task
@@ -94,7 +95,7 @@ def _machine(device: torch.device, world_size: int) -> str:
             f"{compute}; torch {torch.__version__}")
 
 
-def _tag_placement(logger: tracking.EpochLogger | None, device: torch.device) -> None:
+def _tag_placement(logger: EpochLogger | None, device: torch.device) -> None:
     placements = distributed.gather([_placement()])  # every worker takes part; rank 0 logs
     if logger is None:
         return
@@ -139,7 +140,7 @@ def run_worker(config: dict) -> dict | None:
     wanted = "cpu" if cfg.ray.use_gpu is False else cfg.train.device
     device = ray.train.torch.get_device() if on_ray and job.use_gpu else resolve_device(wanted)
     rank = distributed.rank()
-    logger = tracking.EpochLogger(job.tracking_uri, job.run_id) if rank == 0 else None
+    logger = EpochLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     _tag_placement(logger, device)
     try:
         task, train_ds, val_ds = TASKS[job.kind](cfg, device)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from dist2 import tracking
+from dist2.ablation import parent_run
 from dist2.ablation.spec import SCHEMA, TABLES
 from dist2.errors import UserError
 from dist2.methods import CLASS_AP, COCO_METRICS, EVAL_VERSION, TEACHER_HEAD_METRICS, evaluation_name
@@ -154,5 +155,5 @@ def write_report(uri: str, experiments: list[str], out: Path, which: list[str] =
     if "gallery" in which and (out / gallery.FOLDER).is_dir():
         artifacts.append(out / gallery.FOLDER)
     for name in experiments:
-        tracking.log_summary(uri, name, artifacts, extra_metrics or {}, ablation_run)
+        parent_run.log_summary(uri, name, artifacts, extra_metrics or {}, ablation_run)
     return path
