@@ -26,7 +26,7 @@ from dist2.errors import RunFailed, UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "dist2"
-KIND_TAG = "dist2.kind"  # run tag: train, distill, or the ablation's parent run (ABLATION_KIND)
+KIND_TAG = "dist2.kind"  # run tag: train, distill, or an ablation's parent run (ablation.parent_run.ABLATION_KIND)
 REUSED_TAG = "dist2.reused_from"  # run tag: the MLflow run a recorded (reused) run repeats
 MACHINE_TAG = "dist2.machine"  # run tag: the hardware a run's numbers come from (rank 0's host, world size)
 COMMAND_TAG = "dist2.command"  # experiment tag: the command that runs the experiment's grid
