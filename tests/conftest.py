@@ -347,16 +347,6 @@ def stop_cluster(port: int) -> None:
     assert not local_cluster_processes(port), [p.cmdline()[:3] for p in local_cluster_processes(port)]
 
 
-@contextlib.contextmanager
-def newest_ray_start_gone():
-    """An environment in which the machine's newest `ray start`, the cluster a plain ray.init() joins (its record
-    under RAY_TMPDIR, as Ray lays it out), is gone: a run that followed the record would not start."""
-    with short_temp_dir("dist2-gone-") as system_temp:
-        (system_temp / "ray").mkdir()
-        (system_temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-        yield {**os.environ, "RAY_TMPDIR": str(system_temp)}
-
-
 NODES = ({"cpus": 3, "gpus": 1}, {"cpus": 2, "gpus": 1})  # the cluster's worker nodes; GPUs declared, not real
 
 
@@ -382,13 +372,17 @@ def cluster():
         while len(started) < len(NODES):
             add_node()
 
-    with short_temp_dir("dist2-ray-") as temp:
+    with short_temp_dir("dist2-ray-") as system_temp:
+        # Its own temp folder, laid out as Ray's default under RAY_TMPDIR=system_temp: in `as_default` (an
+        # environment) it is the newest `ray start` of the machine, the cluster a plain ray.init() would join.
+        temp = system_temp / "ray"
         try:  # a head that failed part-way is stopped too
             ray_start(env, "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                       f"--ray-client-server-port={free_port()}")  # not the default 10001, for the same reason
             yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-                   "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started}
+                   "ray": RAY, "add_node": add_node, "grow": grow, "nodes": started,
+                   "as_default": {**os.environ, "RAY_TMPDIR": str(system_temp)}}
         finally:
             stop_cluster(port)  # this cluster only: never another Ray on the machine
 
