@@ -29,6 +29,7 @@ def test_valid_config_and_overrides(tmp_path, synth_root):
         ("model.channels=48", ["model.channels", "multiple of 32"]),
         ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "does not exist"]),
         ("train.lr_steps=[30]", ["train.lr_steps", "1..2"]),
+        ("train.optimizer=adam", ["train.optimizer", "'sgd' or 'adamw'", "'adam'"]),
         ("bogus", ["--set 'bogus'", "KEY=VALUE"]),
     ],
 )

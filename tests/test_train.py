@@ -11,8 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dist2.config import load_config
+from dist2.config import TrainConfig, load_config
 from dist2.engine.epoch_logger import EpochLogger
+from dist2.engine.schedule import build_optimizer
 from dist2.methods import CLASS_AP, COCO_METRICS, COCO_RECALLS
 from dist2.modeling import build_detector
 
@@ -202,9 +203,11 @@ def test_a_run_stopped_by_sigterm_is_closed_killed_and_continues_exactly(two_epo
 def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_continues_exactly(tmp_path,
                                                                                                  synth_root, capsys):
     """data.num_workers: 2 (processes kept across epochs, each sample seeded from (seed, epoch, index)),
-    aspect-ratio grouping and train.ema_decay: one epoch, stop, continue == two epochs in one go, to the bit. The
-    deployed weights are the moving average, the resume state keeps the trained ones beside it."""
-    sections = {"data": {"num_workers": 2, "group_aspect_ratio": True}, "train": {"ema_decay": 0.9}}
+    aspect-ratio grouping, train.ema_decay and AdamW (its moments in the resume state): one epoch, stop, continue
+    == two epochs in one go, to the bit. The deployed weights are the moving average, the resume state keeps the
+    trained ones beside it."""
+    sections = {"data": {"num_workers": 2, "group_aspect_ratio": True},
+                "train": {"ema_decay": 0.9, "optimizer": "adamw", "lr": 0.001}}
     straight = write_config(tmp_path / "straight.yaml",
                             tiny_config(tmp_path, synth_root, name="straight", **sections))
     assert cli_in_process(capsys, "train", straight)[0] == 0
@@ -222,6 +225,23 @@ def test_a_run_with_kept_loader_processes_grouped_batches_and_averaged_weights_c
     average = resume["average"]["average"]
     assert all(torch.equal(b[k], average[k]) for k in b)
     assert not all(torch.equal(b[k], resume["model"][k]) for k in b)  # the trained weights are not deployed
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_train_optimizer_first_step_is_the_published_update(optimizer):
+    """train.optimizer's first step from a zero state, in closed form. SGD: w - lr (g + wd w). AdamW (decoupled
+    decay): w (1 - lr wd) - lr g / (|g| + eps), since the bias-corrected moments of one gradient are g and g^2:
+    every weight with a gradient moves by lr whatever the gradient's size."""
+    lr, decay, weight, grad = 0.1, 0.01, torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, -300.0, 1e-3])
+    param = torch.nn.Parameter(weight.clone())
+    param.grad = grad.clone()
+    cfg = TrainConfig(optimizer=optimizer, lr=lr, weight_decay=decay, momentum=0.9)
+    build_optimizer([param], cfg).step()
+    if optimizer == "sgd":
+        expected = weight - lr * (grad + decay * weight)
+    else:
+        expected = weight * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(param.detach(), expected)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path, synth_root, capsys):

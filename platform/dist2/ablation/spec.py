@@ -136,7 +136,7 @@ def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
 # of a teacher's identity at those values, so that the caches made before them stay valid.
 NEUTRAL_KEYS = {("data", "group_aspect_ratio"): False, ("model", "init_checkpoint"): None,
                 ("model", "init_strict"): True, ("train", "best_metric"): "mAP",
-                ("train", "ema_decay"): None}
+                ("train", "ema_decay"): None, ("train", "optimizer"): "sgd"}
 
 
 def teacher_key(cfg: ExperimentConfig) -> str:

@@ -1,4 +1,4 @@
-"""The detection "1x"-style schedule: linear warmup, then step decay at given epochs."""
+"""The optimizer, and the detection "1x"-style schedule: linear warmup, then step decay at given epochs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import torch
 from dist2.config import TrainConfig
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
