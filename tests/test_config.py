@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from dist2.ablation.spec import NEUTRAL_KEYS, teacher_key
 from dist2.config import flatten, load_config
 from dist2.errors import UserError
 
@@ -30,6 +31,8 @@ def test_valid_config_and_overrides(tmp_path, synth_root):
         ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "does not exist"]),
         ("train.lr_steps=[30]", ["train.lr_steps", "1..2"]),
         ("train.optimizer=adam", ["train.optimizer", "'sgd' or 'adamw'", "'adam'"]),
+        ("model.head_convs=0", ["model.head_convs", "greater than or equal to 1"]),
+        ("model.head_convs=5", ["model.head_convs", "less than or equal to 4"]),
         ("bogus", ["--set 'bogus'", "KEY=VALUE"]),
     ],
 )
@@ -141,3 +144,17 @@ def test_a_broken_base_chain_is_an_error_naming_the_chain(tmp_path, case, capsys
     code, err = cli_in_process(capsys, "train", a)
     assert code == 2 and err.strip() == f"dist2: error: {expected}"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key, changed", [("model.head_convs", "2"), ("model.init_seed", "7"),
+                                          ("train.optimizer", "adamw")])
+def test_a_key_at_its_former_behaviour_keeps_a_cached_teachers_identity(tmp_path, synth_root, key, changed):
+    """Keys added after teachers were cached leave a teacher's hash alone at the value that reproduces the old
+    behaviour (spec.NEUTRAL_KEYS), and change it at any other value."""
+    section, name = key.split(".")
+    neutral = NEUTRAL_KEYS[(section, name)]
+    path = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
+    before = teacher_key(load_config(path))
+    neutral = "null" if neutral is None else neutral
+    assert teacher_key(load_config(path, [f"{key}={neutral}"])) == before
+    assert teacher_key(load_config(path, [f"{key}={changed}"])) != before

@@ -42,6 +42,42 @@ def test_stages_reproduce_torchvision_forward(batch, detector, backbone, width):
 
 
 @pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+@pytest.mark.parametrize("head_convs", [1, 2])
+def test_a_shallower_head_has_that_many_convolutions_and_trains(batch, detector, head_convs):
+    categories, images, targets = batch
+    cfg = ModelConfig(detector=detector, backbone="mobilenet_v2", channels=32, width_mult=0.5, head_convs=head_convs)
+    torch.manual_seed(0)
+    model = build_detector(cfg, DataConfig(test_size=96, max_size=160), categories)
+    for branch in (model.head.classification_head, model.head.regression_head):
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in branch.conv.modules()) == head_convs
+    model.train()
+    losses = model.staged_forward(images, targets)
+    sum(losses.values()).backward()
+    first_conv = next(m for m in model.head.classification_head.conv.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad.abs().sum() > 0
+
+
+def test_init_seed_fixes_the_initial_weights_whatever_the_run_seed_and_leaves_the_run_rng_alone(batch):
+    categories = batch[0]
+    data = DataConfig(test_size=96, max_size=160)
+
+    def build(run_seed, init_seed):
+        torch.manual_seed(run_seed)
+        cfg = ModelConfig(detector="fcos", backbone="mobilenet_v2", channels=32, width_mult=0.25, head_convs=1,
+                          init_seed=init_seed)
+        weights = build_detector(cfg, data, categories).state_dict()
+        return weights, torch.rand(3)  # what the run draws next (image order, augmentation)
+
+    (fixed_a, next_a), (fixed_b, next_b) = build(0, 5), build(1, 5)
+    assert all(torch.equal(fixed_a[k], fixed_b[k]) for k in fixed_a)
+    (own_a, _), (other_init, _) = build(0, None), build(0, 6)
+    assert not all(torch.equal(fixed_a[k], own_a[k]) for k in fixed_a)
+    assert not all(torch.equal(fixed_a[k], other_init[k]) for k in fixed_a)
+    torch.manual_seed(0)
+    assert torch.equal(next_a, torch.rand(3)) and not torch.equal(next_a, next_b)
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
 def test_one_image_alone_is_detected_as_in_a_batch_of_its_size(detector):
     """A 32-channel head on a 96-pixel image: P7 is 1x1 with one channel per GroupNorm group, which torch's own
     GroupNorm refuses for a batch of one. Alone, the image gets the detections it gets beside another image of its

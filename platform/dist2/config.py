@@ -93,12 +93,19 @@ class ModelConfig(Strict):
     # Neck (FPN) and head width: the paper's "C128" students use 128, its teachers 256.
     channels: int = Field(256, ge=32, le=1024)
     width_mult: float = Field(1.0, gt=0.0, le=2.0)  # MobileNetV2 only
+    # 3x3 convolutions in each head branch before its predictor. torchvision's FCOS and RetinaNet heads have 4;
+    # fewer give a student of less capacity, one that converges below its teacher.
+    head_convs: int = Field(4, ge=1, le=4)
     backbone_weights: Optional[Literal["imagenet"]] = None
     weights: Optional[Literal["coco"]] = None  # torchvision's COCO detector weights (resnet50, 256 channels)
     trainable_backbone_layers: Optional[int] = Field(None, ge=0, le=5)
     # Weights loaded before training (a model.pth or resume.pth: a student pretrained elsewhere, a teacher to
     # fine-tune); strict = exactly this model's keys and shapes, false = what fits (another class count's head).
     init_checkpoint: Optional[Path] = None
+    # The seed the initial weights are drawn from; null = the run's seed. Set, every seed and every method starts
+    # from the same weights, as students fine-tuned from one pretrained checkpoint do, and the run's seed draws
+    # only the image order and augmentation.
+    init_seed: Optional[int] = Field(None, ge=0)
     init_strict: bool = True
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     nms_thresh: float = Field(0.6, gt=0.0, le=1.0)
@@ -118,8 +125,9 @@ class ModelConfig(Strict):
         if self.channels % 32:
             # FCOS's head normalises with GroupNorm(32, channels).
             raise ValueError(f"model.channels: must be a multiple of 32 (got {self.channels})")
-        if self.weights == "coco" and (self.backbone != "resnet50" or self.channels != 256):
-            raise ValueError("model.weights: 'coco' exists only for backbone resnet50 with channels 256")
+        if self.weights == "coco" and (self.backbone != "resnet50" or self.channels != 256 or self.head_convs != 4):
+            raise ValueError("model.weights: 'coco' exists only for backbone resnet50 with channels 256 and "
+                             "head_convs 4")
         return self
 
 

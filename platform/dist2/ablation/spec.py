@@ -135,7 +135,9 @@ def load_ablation(path: Path, overrides: list[str] = ()) -> AblationConfig:
 # Keys added after teachers were first cached, at the values that train exactly as before the key existed: left out
 # of a teacher's identity at those values, so that the caches made before them stay valid.
 NEUTRAL_KEYS = {("data", "group_aspect_ratio"): False, ("model", "init_checkpoint"): None,
-                ("model", "init_strict"): True, ("train", "best_metric"): "mAP",
+                ("model", "init_strict"): True, ("model", "init_seed"): None,
+                ("model", "head_convs"): 4,
+                ("train", "best_metric"): "mAP",
                 ("train", "ema_decay"): None, ("train", "optimizer"): "sgd"}
 
 

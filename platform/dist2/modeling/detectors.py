@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FCOS_ResNet50_FPN_Weights, RetinaNet, RetinaNet_ResNet50_FPN_Weights
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 
@@ -105,6 +106,7 @@ class Dist2RetinaNet(StagedDetector, RetinaNet):
 
 
 DETECTORS = {"fcos": Dist2FCOS, "retinanet": Dist2RetinaNet}
+FCOS_HEAD_CONVS = 4  # torchvision builds its FCOS head itself at this depth; a shallower one is built here
 COCO_WEIGHTS = {"fcos": FCOS_ResNet50_FPN_Weights.COCO_V1, "retinanet": RetinaNet_ResNet50_FPN_Weights.COCO_V1}
 
 
@@ -170,6 +172,10 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         # unnormalised head barely moves in the first epochs. COCO weights come with the original head.
         anchors = _default_anchorgen().num_anchors_per_location()[0]
         extra["head"] = RetinaNetHead(model_cfg.channels, anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+        for branch in (extra["head"].classification_head, extra["head"].regression_head):
+            branch.conv = branch.conv[:model_cfg.head_convs]  # one Conv2dNormActivation per convolution
+    elif model_cfg.detector == "fcos" and model_cfg.head_convs != FCOS_HEAD_CONVS:
+        extra["head"] = FCOSHead(model_cfg.channels, 1, num_classes, num_convs=model_cfg.head_convs)
     return _single_image_group_norms(DETECTORS[model_cfg.detector](
         backbone,
         num_classes=num_classes,
@@ -187,8 +193,13 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
 
 def build_detector(model_cfg: ModelConfig, data_cfg: DataConfig, categories: dict[int, str]) -> StagedDetector:
     """A detector for the dataset's categories ({category id: name}, in label order), with the weights the
-    config asks for."""
-    model = build_architecture(model_cfg, data_cfg, len(categories))
+    config asks for: drawn from torch's global generator, or from `model.init_seed` without touching it."""
+    if model_cfg.init_seed is None:
+        model = build_architecture(model_cfg, data_cfg, len(categories))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_cfg.init_seed)
+            model = build_architecture(model_cfg, data_cfg, len(categories))
     if model_cfg.weights == "coco":
         _load_coco_weights(model, model_cfg.detector, categories)
     return model
