@@ -419,3 +419,20 @@ def test_mlflow_run_names_lead_with_what_differs_and_never_meet(monkeypatch):
     assert [n for n in fcos_only if "teacher" in n] == ["teacher ResNet10-C64"] and len(fcos_only) == 1 + 18
     full = names("ablations/quick_full.yaml")  # λ sweeps: a λ appears where the grid's λ values differ
     assert len(set(full)) == len(full) and "fcos dist2 All2All λ2 s0" in full and "fcos di N2N+B2B λ1 s0" in full
+
+
+def test_set_teacher_set_and_student_set_reach_the_runs_they_name(pair, tmp_path):
+    from dist2.ablation.spec import grid_runs, load_ablation, teacher_runs
+
+    path = tmp_path / "sets.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "sets", "output_dir": str(tmp_path / "runs"), "pairs": [pair],
+        "grid": [{"method": ["student", "di"], "seed": [0, 1]}],
+        "set": ["train.epochs=3", "train.lr=0.03"], "teacher_set": ["train.epochs=5"],
+        "student_set": ["train.lr=0.002", "model.head_convs=2"]}))
+    spec = load_ablation(path)
+    [teacher] = teacher_runs(spec, path)
+    runs = grid_runs(spec, path, [teacher])
+    assert (teacher.cfg.train.epochs, teacher.cfg.train.lr, teacher.cfg.model.head_convs) == (5, 0.03, 4)
+    assert len(runs) == 4
+    assert {(r.cfg.train.epochs, r.cfg.train.lr, r.cfg.model.head_convs) for r in runs} == {(3, 0.002, 2)}

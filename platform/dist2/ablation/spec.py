@@ -76,6 +76,7 @@ class AblationConfig(Strict):
     pairs: list[Pair] = Field(min_length=1)
     set: list[str] = Field(default_factory=list)  # KEY=VALUE overrides of every run, teachers included
     teacher_set: list[str] = Field(default_factory=list)  # ... of the teachers only (after `set`)
+    student_set: list[str] = Field(default_factory=list)  # ... of the grid's runs only (after `set`)
     distill: dict = Field(default_factory=dict)  # the distill section's other keys (hint.weight, ...)
     teacher_min_mAP: float = Field(1.0, ge=0, le=100)
     grid: list[GridEntry] = Field(min_length=1)
@@ -257,7 +258,7 @@ def grid_runs(spec: AblationConfig, source: Path, teachers: list[Run]) -> list[R
                           "teacher": {"config": str(teacher.cfg.run_dir / CONFIG),
                                       "checkpoint": str(teacher.cfg.run_dir / WEIGHTS),
                                       "min_mAP": spec.teacher_min_mAP}}
-                cfg = _resolve(pair.student, spec.set, str(source), update)
+                cfg = _resolve(pair.student, spec.set + spec.student_set, str(source), update)
                 if cfg.model.detector != teacher.cfg.model.detector:
                     raise UserError(f"{source}: pairs: teacher {pair.teacher} is {teacher.cfg.model.detector}, "
                                     f"student {pair.student} is {cfg.model.detector}; a pair shares its detector")
