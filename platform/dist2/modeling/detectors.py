@@ -175,6 +175,7 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         for branch in (extra["head"].classification_head, extra["head"].regression_head):
             branch.conv = branch.conv[:model_cfg.head_convs]  # one Conv2dNormActivation per convolution
     elif model_cfg.detector == "fcos" and model_cfg.head_convs != FCOS_HEAD_CONVS:
+        # FCOS predicts from one point per feature location: one "anchor".
         extra["head"] = FCOSHead(model_cfg.channels, 1, num_classes, num_convs=model_cfg.head_convs)
     return _single_image_group_norms(DETECTORS[model_cfg.detector](
         backbone,
