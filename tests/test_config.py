@@ -155,6 +155,5 @@ def test_a_key_at_its_former_behaviour_keeps_a_cached_teachers_identity(tmp_path
     neutral = NEUTRAL_KEYS[(section, name)]
     path = write_config(tmp_path / "exp.yaml", tiny_config(tmp_path, synth_root))
     before = teacher_key(load_config(path))
-    neutral = "null" if neutral is None else neutral
-    assert teacher_key(load_config(path, [f"{key}={neutral}"])) == before
+    assert teacher_key(load_config(path, [f"{key}={'null' if neutral is None else neutral}"])) == before
     assert teacher_key(load_config(path, [f"{key}={changed}"])) != before

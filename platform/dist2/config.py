@@ -87,6 +87,9 @@ class DataConfig(Strict):
         return self
 
 
+TORCHVISION_HEAD_CONVS = 4  # convolutions per branch of torchvision's FCOS and RetinaNet heads
+
+
 class ModelConfig(Strict):
     detector: Literal["fcos", "retinanet"]
     backbone: str
@@ -95,7 +98,7 @@ class ModelConfig(Strict):
     width_mult: float = Field(1.0, gt=0.0, le=2.0)  # MobileNetV2 only
     # 3x3 convolutions in each head branch before its predictor. torchvision's FCOS and RetinaNet heads have 4;
     # fewer give a student of less capacity, one that converges below its teacher.
-    head_convs: int = Field(4, ge=1, le=4)
+    head_convs: int = Field(TORCHVISION_HEAD_CONVS, ge=1, le=TORCHVISION_HEAD_CONVS)
     backbone_weights: Optional[Literal["imagenet"]] = None
     weights: Optional[Literal["coco"]] = None  # torchvision's COCO detector weights (resnet50, 256 channels)
     trainable_backbone_layers: Optional[int] = Field(None, ge=0, le=5)
@@ -125,9 +128,10 @@ class ModelConfig(Strict):
         if self.channels % 32:
             # FCOS's head normalises with GroupNorm(32, channels).
             raise ValueError(f"model.channels: must be a multiple of 32 (got {self.channels})")
-        if self.weights == "coco" and (self.backbone != "resnet50" or self.channels != 256 or self.head_convs != 4):
+        if self.weights == "coco" and (self.backbone != "resnet50" or self.channels != 256
+                                       or self.head_convs != TORCHVISION_HEAD_CONVS):
             raise ValueError("model.weights: 'coco' exists only for backbone resnet50 with channels 256 and "
-                             "head_convs 4")
+                             f"head_convs {TORCHVISION_HEAD_CONVS}")
         return self
 
 

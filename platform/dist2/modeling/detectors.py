@@ -27,7 +27,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 
-from dist2.config import DataConfig, ModelConfig
+from dist2.config import TORCHVISION_HEAD_CONVS, DataConfig, ModelConfig
 from dist2.errors import UserError
 from dist2.modeling.backbones import build_backbone_fpn
 
@@ -106,7 +106,6 @@ class Dist2RetinaNet(StagedDetector, RetinaNet):
 
 
 DETECTORS = {"fcos": Dist2FCOS, "retinanet": Dist2RetinaNet}
-FCOS_HEAD_CONVS = 4  # torchvision builds its FCOS head itself at this depth; a shallower one is built here
 COCO_WEIGHTS = {"fcos": FCOS_ResNet50_FPN_Weights.COCO_V1, "retinanet": RetinaNet_ResNet50_FPN_Weights.COCO_V1}
 
 
@@ -174,8 +173,9 @@ def build_architecture(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         extra["head"] = RetinaNetHead(model_cfg.channels, anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
         for branch in (extra["head"].classification_head, extra["head"].regression_head):
             branch.conv = branch.conv[:model_cfg.head_convs]  # one Conv2dNormActivation per convolution
-    elif model_cfg.detector == "fcos" and model_cfg.head_convs != FCOS_HEAD_CONVS:
-        # FCOS predicts from one point per feature location: one "anchor".
+    elif model_cfg.detector == "fcos" and model_cfg.head_convs != TORCHVISION_HEAD_CONVS:
+        # torchvision builds its own FCOS head at the default depth. FCOS predicts from one point per feature
+        # location: one "anchor".
         extra["head"] = FCOSHead(model_cfg.channels, 1, num_classes, num_convs=model_cfg.head_convs)
     return _single_image_group_norms(DETECTORS[model_cfg.detector](
         backbone,
