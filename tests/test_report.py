@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dist2.methods import EVAL_VERSION
-from dist2.report import paper
+from dist2.report import load_runs, paper, plots, tables
 
 from conftest import REPO, cli_in_process, run_cli
 
@@ -197,7 +197,7 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store, capsys):
     # probe: seeds 30, 31, 32 against the student's 4, 5, 6 (pooled std 1.0: +26.0 is far above it); adapter: 40 x 3
     head = {r[1]: r[-3:] for r in _section(store["text"], "Teacher-head mAP")}
     assert head == {"+ Dist2": ["31.0 ± 1.0", "+26.0 ✓", "40.0 ± 0.0"], "(student)": ["5.0 ± 1.0", "", "–"]}
-    for picture in ("table2.png", "lambda_di.png"):
+    for picture in ("table1.png", "table2.png", "lambda_di.png"):
         assert (store["out"] / picture).stat().st_size > 1000 and f"]({picture})" in store["text"]
     # An experiment no `dist2 ablate` made gets an ablation run for its report, and only one: reported again,
     # the same run takes the new report.
@@ -208,7 +208,28 @@ def test_lambda_table_teacher_head_plots_and_summary_run(store, capsys):
     summary = client.search_runs([store["exp"]], "tags.`dist2.kind` = 'ablation'")
     assert len(summary) == 1 and summary[0].info.status == "FINISHED" and summary[0].info.run_name == "paper"
     logged = {a.path for a in client.list_artifacts(summary[0].info.run_id, "report")}
-    assert {"report/results.md", "report/table2.png", "report/lambda_di.png"} <= logged
+    assert {"report/results.md", "report/table1.png", "report/table2.png", "report/lambda_di.png"} <= logged
+
+
+def test_table1_plot_draws_each_rows_delta_with_its_noise_beside_the_papers(store):
+    series = plots.table1_deltas(tables.cells(load_runs(store["uri"], "paper")))
+    assert list(series) == ["ResNeXt101 → MobileV2C128 (fcos)", "paper: ResNeXt101 → MobileV2C128 (fcos)",
+                            "ResNeXt101 → MobileV2C128 (retinanet)", "paper: ResNeXt101 → MobileV2C128 (retinanet)",
+                            "ResNeXt101 → ResNet50C128 (fcos)"]  # the paper's FCOS bars once
+    fcos, fcos_paper = series["ResNeXt101 → MobileV2C128 (fcos)"], series["paper: ResNeXt101 → MobileV2C128 (fcos)"]
+    assert set(fcos) == set(fcos_paper) == {("hint", "N2N"), ("pad", "N2N"), ("nonlocal", "N2N"), ("di", "N2N"),
+                                            ("dist2", ALL)}  # Hint once: the FI (N2N) runs are its row
+    for key, (delta, _) in fcos.items():
+        assert delta == pytest.approx(fcos_paper[key][0], abs=1e-9) and fcos_paper[key][1] == 0.0
+    # error bar = the pooled seed std: Dist2 (3 seeds ±0.2) with the student (3 seeds ±0.1), Hint (2 seeds ±1.5)
+    # with the student; none where a cell has one seed (PAD)
+    assert fcos[("dist2", ALL)][1] == pytest.approx((2 * (0.2**2 + 0.1**2) / 4) ** 0.5)
+    assert fcos[("hint", "N2N")][1] == pytest.approx(((2 * 1.5**2 + 2 * 0.1**2) / 3) ** 0.5)
+    assert fcos[("pad", "N2N")][1] == 0.0
+    # a cell nobody ran is no bar of ours, and the paper's number is still drawn
+    retina = series["ResNeXt101 → MobileV2C128 (retinanet)"]
+    assert ("pad", "N2N") not in retina
+    assert series["paper: ResNeXt101 → MobileV2C128 (retinanet)"][("pad", "N2N")] == (0.4, 0.0)
 
 
 def test_one_report_over_a_grid_and_a_later_grid_that_added_seeds(store, tmp_path, capsys):

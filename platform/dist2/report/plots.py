@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dist2.methods import STRATEGIES  # noqa: E402
+from dist2.methods import STRATEGIES, TEACHER  # noqa: E402
 from dist2.report import paper, tables  # noqa: E402
 
 
@@ -34,6 +34,50 @@ def lambda_plot(c: pd.DataFrame, path: Path) -> bool:
     ax.set_ylabel("mAP (%), ± seed std")
     _legend_beside(fig, ax)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def table1_deltas(c: pd.DataFrame) -> dict[str, dict[tuple, tuple[float, float]]]:
+    """Table 1's Δs as bar series: per pair, (method, strategies) -> (Δ mAP over the pair's student, error bar =
+    the pooled seed std of the cell and its baseline, 0 with one seed); after a detector's first pair, the paper's
+    Δs for that detector (no error bar)."""
+    ref = tables.at_reference(c)
+    series = {}
+    for pair in tables.pairs(ref):
+        base = tables.student_cell(ref, pair)
+        rows = [(m, s, row) for m, s, row in tables.table1_rows(ref, pair) if m not in (TEACHER, "student")]
+        ours = {(m, s): (row["mAP"] - base["mAP"], tables.pooled_std(row, base) if min(row["n"], base["n"]) > 1
+                         else 0.0) for m, s, row in rows if row is not None and base is not None}
+        if ours:
+            series[f"{pair[1]} → {pair[2]} ({pair[0]})"] = ours
+            series.setdefault(f"paper: {paper.TABLE1_PAIR} ({pair[0]})", {
+                (m, s): (paper.TABLE1[(pair[0], m, s)][1], 0.0) for m, s, _ in rows if (pair[0], m, s) in paper.TABLE1})
+    return series
+
+
+def methods_plot(c: pd.DataFrame, path: Path) -> bool:
+    """Table 1 as bars: each method row's Δ over its pair's student beside the paper's (table1_deltas)."""
+    series = table1_deltas(c)
+    if not series:
+        return False
+    names = tables.method_rows()
+    order = list(names)
+    keys = sorted(dict.fromkeys(k for cells in series.values() for k in cells), key=lambda k: order.index(k[0]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, (label, cells) in enumerate(series.items()):
+        values = [cells.get(k, (float("nan"), 0.0)) for k in keys]
+        errors = [e if e > 0 else float("nan") for _, e in values]  # no bar where there is no noise estimate
+        ax.bar([x + i * width for x in range(len(keys))], [v for v, _ in values], width, yerr=errors, capsize=3,
+               label=label)
+    # The Hint row's name carries its strategy ("+ Hint = FI (N2N)"); the others take theirs in brackets.
+    ticks = [names[m] if m == "hint" else f"{names[m]} ({tables.show_strategies(s)})" for m, s in keys]
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], ticks, rotation=20, ha="right")
+    ax.set_ylabel("Δ mAP over the student (points),\n± pooled seed std")
+    ax.axhline(0, color="black", linewidth=0.5)
+    _legend_beside(fig, ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the slanted first label reaches left of the axes
     plt.close(fig)
     return True
 
@@ -70,4 +114,4 @@ def strategy_plot(c: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-PLOTS = {"lambda_di": lambda_plot, "table2": strategy_plot}
+PLOTS = {"table1": methods_plot, "lambda_di": lambda_plot, "table2": strategy_plot}

@@ -148,28 +148,33 @@ def _teacher_row(c: pd.DataFrame, detector: str, teacher: str):
     return rows.iloc[0] if len(rows) else None
 
 
+def table1_rows(c: pd.DataFrame, pair: tuple) -> list[tuple[str, str, pd.Series | None]]:
+    """A pair's Table 1 rows in the report's order, ours and the paper's together: (method, strategies, our cell or
+    None). Hint (FI at N2N, one experiment) is the "hint" row."""
+    detector, teacher, _ = pair
+    ours = {}
+    t = _teacher_row(c, detector, teacher)
+    if t is not None:
+        ours[(TEACHER, "")] = t
+    for _, row in c[(c[PAIR].apply(tuple, axis=1) == pair)].iterrows():
+        key = (row["method"], row["strategies"])
+        ours[("hint", "N2N") if key == (HINT[0], ",".join(HINT[1])) else key] = row
+    published = [k[1:] for k in paper.TABLE1 if k[0] == detector]
+    keys = list(dict.fromkeys(published + list(ours)))
+    order = list(method_rows())
+    keys.sort(key=lambda k: order.index(k[0]))
+    return [(method, strategies, ours.get((method, strategies))) for method, strategies in keys]
+
+
 def table1(c: pd.DataFrame) -> pd.DataFrame:
     """Per detector and pair: teacher, student and each method with its strategy; ours beside the paper's."""
     c = at_reference(c)
+    rows = method_rows()
     out = []
     for pair in pairs(c):
         detector, teacher, student = pair
         base = student_cell(c, pair)
-        ours = {}
-        t = _teacher_row(c, detector, teacher)
-        if t is not None:
-            ours[(TEACHER, "")] = t
-        mine = c[(c[PAIR].apply(tuple, axis=1) == pair)]
-        for _, row in mine.iterrows():
-            key = (row["method"], row["strategies"])
-            hint = key == (HINT[0], ",".join(HINT[1]))
-            ours[("hint", "N2N") if hint else key] = row  # one experiment: the Hint row
-        published = [k[1:] for k in paper.TABLE1 if k[0] == detector]
-        keys = list(dict.fromkeys([k for k in published] + list(ours)))
-        rows = method_rows()
-        keys.sort(key=lambda k: list(rows).index(k[0]))
-        for method, strategies in keys:
-            row = ours.get((method, strategies))
+        for method, strategies, row in table1_rows(c, pair):
             mean = None if row is None else row["mAP"]
             p_map, p_delta, note = paper.TABLE1.get((detector, method, strategies), (None, None, ""))
             label = {TEACHER: teacher, "student": student}.get(method, "")
